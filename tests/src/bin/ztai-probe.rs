@@ -1,0 +1,459 @@
+//! ztai-probe: a tiny real TCP/UDP client/server used as the workload in ztai's integration tests.
+//!
+//! ```text
+//! ztai-probe tcp-listen  ADDR:PORT                  # prints "listening <addr>", echoes one line per connection
+//! ztai-probe tcp-connect ADDR:PORT [--bind A:P]     # connect + one echo round trip
+//! ztai-probe udp-echo    ADDR:PORT                  # prints "listening <addr>", sendto()s each datagram back
+//! ztai-probe udp-send    ADDR:PORT [--connect] [--expect-reply] [--bind A:P]
+//! ```
+//!
+//! Clients print one final status line: `ok`, or `err <ERRNO_NAME> <message>`; with `--bind`
+//! they first print `bound <local addr>`. Servers print `listening <local addr>` (port 0 is
+//! replaced by the real port), then `accepted <peer>` / `echo <peer> ok|err ...` per peer.
+//! IPv6 sockets are dual-stack (IPV6_V6ONLY=0), so `[::]:p` servers accept v4-mapped clients
+//! and `[::ffff:127.0.0.1]:p` is reached over an AF_INET6 socket.
+//!
+//! Exit codes: 0 ok, 2 usage, 3 EPERM, 4 ECONNREFUSED, 5 other error, 6 no UDP reply in time.
+
+use std::io::{self, BufRead, BufReader, Write};
+use std::mem::{size_of, zeroed};
+use std::net::{SocketAddr, SocketAddrV4, SocketAddrV6, TcpListener, TcpStream, UdpSocket};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::process::exit;
+use std::time::Duration;
+
+const EXIT_OK: i32 = 0;
+const EXIT_USAGE: i32 = 2;
+const EXIT_EPERM: i32 = 3;
+const EXIT_REFUSED: i32 = 4;
+const EXIT_OTHER: i32 = 5;
+const EXIT_NO_REPLY: i32 = 6;
+
+/// Client I/O deadline (connect, echo read, UDP reply).
+const IO_TIMEOUT: Duration = Duration::from_secs(5);
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let Some((cmd, rest)) = args.split_first() else {
+        usage("missing command")
+    };
+    let Some((addr, flags)) = rest.split_first() else {
+        usage("missing ADDR:PORT")
+    };
+    let addr: SocketAddr = addr
+        .parse()
+        .unwrap_or_else(|e| usage(&format!("bad ADDR:PORT {addr:?}: {e}")));
+    let opts = Opts::parse(flags);
+    let code = match cmd.as_str() {
+        "tcp-listen" => tcp_listen(addr),
+        "tcp-connect" => tcp_connect(addr, &opts),
+        "udp-echo" => udp_echo(addr),
+        "udp-send" => udp_send(addr, &opts),
+        other => usage(&format!("unknown command {other:?}")),
+    };
+    exit(code);
+}
+
+fn usage(msg: &str) -> ! {
+    eprintln!(
+        "ztai-probe: {msg}\nusage: ztai-probe tcp-listen|tcp-connect|udp-echo|udp-send ADDR:PORT \
+         [--connect] [--expect-reply] [--bind ADDR:PORT]"
+    );
+    exit(EXIT_USAGE)
+}
+
+#[derive(Default)]
+struct Opts {
+    connect: bool,
+    expect_reply: bool,
+    bind: Option<SocketAddr>,
+}
+
+impl Opts {
+    fn parse(flags: &[String]) -> Opts {
+        let mut o = Opts::default();
+        let mut it = flags.iter();
+        while let Some(f) = it.next() {
+            match f.as_str() {
+                "--connect" => o.connect = true,
+                "--expect-reply" => o.expect_reply = true,
+                "--bind" => {
+                    let a = it.next().unwrap_or_else(|| usage("--bind needs ADDR:PORT"));
+                    o.bind = Some(
+                        a.parse()
+                            .unwrap_or_else(|e| usage(&format!("bad --bind {a:?}: {e}"))),
+                    );
+                }
+                other => usage(&format!("unknown option {other:?}")),
+            }
+        }
+        o
+    }
+}
+
+/// Prints one stdout line and flushes it (the tests read stdout line by line).
+fn say(line: &str) {
+    let mut out = io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+}
+
+fn errno_name(e: i32) -> &'static str {
+    match e {
+        libc::EPERM => "EPERM",
+        libc::EACCES => "EACCES",
+        libc::ECONNREFUSED => "ECONNREFUSED",
+        libc::ECONNRESET => "ECONNRESET",
+        libc::ECONNABORTED => "ECONNABORTED",
+        libc::ETIMEDOUT => "ETIMEDOUT",
+        libc::EINPROGRESS => "EINPROGRESS",
+        libc::EAGAIN => "EAGAIN",
+        libc::ENETUNREACH => "ENETUNREACH",
+        libc::EHOSTUNREACH => "EHOSTUNREACH",
+        libc::EADDRINUSE => "EADDRINUSE",
+        libc::EADDRNOTAVAIL => "EADDRNOTAVAIL",
+        libc::EAFNOSUPPORT => "EAFNOSUPPORT",
+        libc::EINVAL => "EINVAL",
+        libc::EPIPE => "EPIPE",
+        libc::ENOENT => "ENOENT",
+        libc::EBADF => "EBADF",
+        libc::ENOTCONN => "ENOTCONN",
+        libc::EMSGSIZE => "EMSGSIZE",
+        libc::ENOBUFS => "ENOBUFS",
+        _ => "EOTHER",
+    }
+}
+
+/// Prints `err <NAME> <message>` and returns the exit code for `e`.
+fn fail(context: &str, e: &io::Error) -> i32 {
+    let (name, code) = match e.raw_os_error() {
+        Some(libc::EPERM) => ("EPERM", EXIT_EPERM),
+        Some(libc::ECONNREFUSED) => ("ECONNREFUSED", EXIT_REFUSED),
+        // A blocking connect() that hits SO_SNDTIMEO returns EINPROGRESS.
+        Some(libc::EINPROGRESS) | Some(libc::EAGAIN) => ("ETIMEDOUT", EXIT_OTHER),
+        Some(n) => (errno_name(n), EXIT_OTHER),
+        None if e.kind() == io::ErrorKind::TimedOut => ("ETIMEDOUT", EXIT_OTHER),
+        None => ("EOTHER", EXIT_OTHER),
+    };
+    say(&format!("err {name} {context}: {e}"));
+    code
+}
+
+fn cvt(rc: libc::c_int) -> io::Result<libc::c_int> {
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(rc)
+    }
+}
+
+fn to_sockaddr(addr: &SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: sockaddr_storage is plain data; all-zero is a valid value.
+    let mut ss: libc::sockaddr_storage = unsafe { zeroed() };
+    let len = match addr {
+        SocketAddr::V4(a) => {
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: a.port().to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(a.ip().octets()),
+                },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: sockaddr_storage is larger than and suitably aligned for sockaddr_in.
+            unsafe { (&mut ss as *mut _ as *mut libc::sockaddr_in).write(sin) };
+            size_of::<libc::sockaddr_in>()
+        }
+        SocketAddr::V6(a) => {
+            let sin6 = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                sin6_port: a.port().to_be(),
+                sin6_flowinfo: a.flowinfo(),
+                sin6_addr: libc::in6_addr {
+                    s6_addr: a.ip().octets(),
+                },
+                sin6_scope_id: a.scope_id(),
+            };
+            // SAFETY: as above, for sockaddr_in6.
+            unsafe { (&mut ss as *mut _ as *mut libc::sockaddr_in6).write(sin6) };
+            size_of::<libc::sockaddr_in6>()
+        }
+    };
+    (ss, len as libc::socklen_t)
+}
+
+fn from_sockaddr(ss: &libc::sockaddr_storage) -> Option<SocketAddr> {
+    match ss.ss_family as libc::c_int {
+        libc::AF_INET => {
+            // SAFETY: family says this is a sockaddr_in.
+            let sin = unsafe { &*(ss as *const _ as *const libc::sockaddr_in) };
+            let ip = std::net::Ipv4Addr::from(sin.sin_addr.s_addr.to_ne_bytes());
+            Some(SocketAddr::V4(SocketAddrV4::new(
+                ip,
+                u16::from_be(sin.sin_port),
+            )))
+        }
+        libc::AF_INET6 => {
+            // SAFETY: family says this is a sockaddr_in6.
+            let sin6 = unsafe { &*(ss as *const _ as *const libc::sockaddr_in6) };
+            let ip = std::net::Ipv6Addr::from(sin6.sin6_addr.s6_addr);
+            Some(SocketAddr::V6(SocketAddrV6::new(
+                ip,
+                u16::from_be(sin6.sin6_port),
+                sin6.sin6_flowinfo,
+                sin6.sin6_scope_id,
+            )))
+        }
+        _ => None,
+    }
+}
+
+fn local_addr(fd: RawFd) -> io::Result<SocketAddr> {
+    // SAFETY: getsockname writes at most `len` bytes into ss.
+    let mut ss: libc::sockaddr_storage = unsafe { zeroed() };
+    let mut len = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    cvt(unsafe { libc::getsockname(fd, &mut ss as *mut _ as *mut libc::sockaddr, &mut len) })?;
+    from_sockaddr(&ss).ok_or_else(|| io::Error::other("unknown address family"))
+}
+
+fn setsockopt_int(
+    fd: RawFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    v: libc::c_int,
+) -> io::Result<()> {
+    // SAFETY: passing a pointer to a live c_int with its size.
+    cvt(unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            name,
+            &v as *const _ as *const libc::c_void,
+            size_of::<libc::c_int>() as _,
+        )
+    })
+    .map(drop)
+}
+
+fn set_timeout(fd: RawFd, name: libc::c_int, d: Duration) -> io::Result<()> {
+    let tv = libc::timeval {
+        tv_sec: d.as_secs() as libc::time_t,
+        tv_usec: d.subsec_micros() as libc::suseconds_t,
+    };
+    // SAFETY: passing a pointer to a live timeval with its size.
+    cvt(unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            name,
+            &tv as *const _ as *const libc::c_void,
+            size_of::<libc::timeval>() as _,
+        )
+    })
+    .map(drop)
+}
+
+/// A socket of `addr`'s family; IPv6 sockets are made dual-stack explicitly.
+fn new_socket(addr: &SocketAddr, ty: libc::c_int) -> io::Result<OwnedFd> {
+    let family = if addr.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
+    // SAFETY: socket(2); the fd is immediately owned.
+    let fd = cvt(unsafe { libc::socket(family, ty | libc::SOCK_CLOEXEC, 0) })?;
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    if family == libc::AF_INET6 {
+        setsockopt_int(fd.as_raw_fd(), libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, 0)?;
+    }
+    Ok(fd)
+}
+
+fn bind(fd: RawFd, addr: &SocketAddr) -> io::Result<()> {
+    let (ss, len) = to_sockaddr(addr);
+    // SAFETY: ss/len describe a valid sockaddr.
+    cvt(unsafe { libc::bind(fd, &ss as *const _ as *const libc::sockaddr, len) }).map(drop)
+}
+
+fn connect(fd: RawFd, addr: &SocketAddr) -> io::Result<()> {
+    let (ss, len) = to_sockaddr(addr);
+    loop {
+        // SAFETY: ss/len describe a valid sockaddr.
+        match cvt(unsafe { libc::connect(fd, &ss as *const _ as *const libc::sockaddr, len) }) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            r => return r.map(drop),
+        }
+    }
+}
+
+/// Binds a server socket (SO_REUSEADDR, dual-stack for IPv6) and prints `listening <addr>`.
+fn server_socket(addr: SocketAddr, ty: libc::c_int) -> Result<OwnedFd, i32> {
+    let fd = new_socket(&addr, ty).map_err(|e| fail("socket", &e))?;
+    setsockopt_int(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_REUSEADDR, 1)
+        .map_err(|e| fail("SO_REUSEADDR", &e))?;
+    bind(fd.as_raw_fd(), &addr).map_err(|e| fail(&format!("bind {addr}"), &e))?;
+    if ty == libc::SOCK_STREAM {
+        // SAFETY: listen(2) on our socket.
+        cvt(unsafe { libc::listen(fd.as_raw_fd(), 128) }).map_err(|e| fail("listen", &e))?;
+    }
+    let local = local_addr(fd.as_raw_fd()).map_err(|e| fail("getsockname", &e))?;
+    say(&format!("listening {local}"));
+    Ok(fd)
+}
+
+fn tcp_listen(addr: SocketAddr) -> i32 {
+    let fd = match server_socket(addr, libc::SOCK_STREAM) {
+        Ok(fd) => fd,
+        Err(code) => return code,
+    };
+    let listener = TcpListener::from(fd);
+    loop {
+        match listener.accept() {
+            Ok((stream, peer)) => {
+                say(&format!("accepted {peer}"));
+                std::thread::spawn(move || echo_one_line(stream));
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                eprintln!("accept: {e}");
+            }
+        }
+    }
+}
+
+fn echo_one_line(stream: TcpStream) {
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+    let mut reader = BufReader::new(&stream);
+    let mut line = String::new();
+    if reader.read_line(&mut line).is_ok() {
+        let _ = (&stream).write_all(line.as_bytes());
+    }
+}
+
+fn tcp_connect(addr: SocketAddr, opts: &Opts) -> i32 {
+    let fd = match new_socket(&addr, libc::SOCK_STREAM) {
+        Ok(fd) => fd,
+        Err(e) => return fail("socket", &e),
+    };
+    if let Some(b) = opts.bind {
+        if let Err(e) = bind(fd.as_raw_fd(), &b) {
+            return fail(&format!("bind {b}"), &e);
+        }
+        match local_addr(fd.as_raw_fd()) {
+            Ok(l) => say(&format!("bound {l}")),
+            Err(e) => return fail("getsockname", &e),
+        }
+    }
+    // A blocking connect honours SO_SNDTIMEO; a cgroup connect hook's EPERM is immediate.
+    if let Err(e) = set_timeout(fd.as_raw_fd(), libc::SO_SNDTIMEO, IO_TIMEOUT)
+        .and_then(|()| set_timeout(fd.as_raw_fd(), libc::SO_RCVTIMEO, IO_TIMEOUT))
+    {
+        return fail("setsockopt timeout", &e);
+    }
+    if let Err(e) = connect(fd.as_raw_fd(), &addr) {
+        return fail(&format!("connect {addr}"), &e);
+    }
+    let stream = TcpStream::from(fd);
+    let msg = format!("ztai-probe ping {}\n", std::process::id());
+    if let Err(e) = (&stream).write_all(msg.as_bytes()) {
+        return fail("send", &e);
+    }
+    let mut reply = String::new();
+    if let Err(e) = BufReader::new(&stream).read_line(&mut reply) {
+        return fail("recv echo", &e);
+    }
+    if reply != msg {
+        say(&format!(
+            "err EBADMSG echo mismatch: sent {msg:?}, got {reply:?}"
+        ));
+        return EXIT_OTHER;
+    }
+    say("ok");
+    EXIT_OK
+}
+
+fn udp_echo(addr: SocketAddr) -> i32 {
+    let fd = match server_socket(addr, libc::SOCK_DGRAM) {
+        Ok(fd) => fd,
+        Err(code) => return code,
+    };
+    let sock = UdpSocket::from(fd);
+    let mut buf = [0u8; 2048];
+    loop {
+        match sock.recv_from(&mut buf) {
+            Ok((n, src)) => match sock.send_to(&buf[..n], src) {
+                Ok(_) => say(&format!("echo {src} ok")),
+                Err(e) => {
+                    let name = e.raw_os_error().map(errno_name).unwrap_or("EOTHER");
+                    say(&format!("echo {src} err {name} {e}"));
+                }
+            },
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => eprintln!("recv_from: {e}"),
+        }
+    }
+}
+
+fn udp_send(addr: SocketAddr, opts: &Opts) -> i32 {
+    let fd = match new_socket(&addr, libc::SOCK_DGRAM) {
+        Ok(fd) => fd,
+        Err(e) => return fail("socket", &e),
+    };
+    if let Some(b) = opts.bind {
+        if let Err(e) = bind(fd.as_raw_fd(), &b) {
+            return fail(&format!("bind {b}"), &e);
+        }
+        match local_addr(fd.as_raw_fd()) {
+            Ok(l) => say(&format!("bound {l}")),
+            Err(e) => return fail("getsockname", &e),
+        }
+    }
+    if let Err(e) = set_timeout(fd.as_raw_fd(), libc::SO_RCVTIMEO, IO_TIMEOUT) {
+        return fail("setsockopt timeout", &e);
+    }
+    // Without --bind the socket stays unbound: sendto()/connect() autobind it, as real clients do.
+    let sock = UdpSocket::from(fd);
+    let payload = format!("ztai-probe datagram {}", std::process::id());
+    if opts.connect {
+        if let Err(e) = connect(sock.as_raw_fd(), &addr) {
+            return fail(&format!("connect {addr}"), &e);
+        }
+        if let Err(e) = sock.send(payload.as_bytes()) {
+            return fail(&format!("send {addr}"), &e);
+        }
+    } else if let Err(e) = sock.send_to(payload.as_bytes(), addr) {
+        return fail(&format!("sendto {addr}"), &e);
+    }
+    if opts.expect_reply {
+        let mut buf = [0u8; 2048];
+        let got = if opts.connect {
+            sock.recv(&mut buf).map(|n| (n, addr))
+        } else {
+            sock.recv_from(&mut buf)
+        };
+        match got {
+            Ok((n, _from)) if &buf[..n] == payload.as_bytes() => {}
+            Ok((n, from)) => {
+                say(&format!(
+                    "err EBADMSG reply mismatch from {from}: {:?}",
+                    String::from_utf8_lossy(&buf[..n])
+                ));
+                return EXIT_OTHER;
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                say(&format!(
+                    "err ETIMEDOUT no reply from {addr} within {IO_TIMEOUT:?}"
+                ));
+                return EXIT_NO_REPLY;
+            }
+            Err(e) => return fail("recv reply", &e),
+        }
+    }
+    say("ok");
+    EXIT_OK
+}

@@ -1,0 +1,281 @@
+//! How the destination's and the source's segments are decided on one host: by the cgroup owning
+//! the listening/bound socket, unlabeled listeners are `host`, nested cgroups inherit.
+//!
+//! Fixed policy ports of this file: 27460, 27470, 27480, 27490-27491 (unique across the suite).
+
+use ztai_tests::{Agent, Denial, Policy, ProbeCmd, TestCgroup, require_root};
+
+#[test]
+fn two_loopback_servers_in_different_segments_get_different_verdicts_for_the_same_client() {
+    require_root!();
+    let cg = TestCgroup::new();
+    let orch = cg.child("orch");
+    let inf = cg.child("inf/pod-0");
+    let rag = cg.child("rag");
+    let agent = Agent::start_ready(
+        &Policy::enforce(&cg)
+            .cgroups("orchestrator", &["orch*"])
+            .cgroups("inference", &["inf/**"])
+            .cgroups("retrieval", &["rag"])
+            .allow_all_ports("orchestrator", "inference"),
+        &cg,
+    );
+    let inf_tcp = ProbeCmd::tcp_listen("127.0.0.1:0").in_cgroup(&inf).spawn();
+    let rag_tcp = ProbeCmd::tcp_listen("127.0.0.1:0").in_cgroup(&rag).spawn();
+    let inf_udp = ProbeCmd::udp_echo("127.0.0.1:0").in_cgroup(&inf).spawn();
+    let rag_udp = ProbeCmd::udp_echo("127.0.0.1:0").in_cgroup(&rag).spawn();
+    let (inf_tcp_port, rag_tcp_port) = (
+        inf_tcp.wait_listening().port(),
+        rag_tcp.wait_listening().port(),
+    );
+    let (inf_udp_port, rag_udp_port) = (
+        inf_udp.wait_listening().port(),
+        rag_udp.wait_listening().port(),
+    );
+
+    ProbeCmd::tcp_connect(format!("127.0.0.1:{inf_tcp_port}"))
+        .in_cgroup(&orch)
+        .run()
+        .assert_ok();
+    let tcp_denied = ProbeCmd::tcp_connect(format!("127.0.0.1:{rag_tcp_port}"))
+        .in_cgroup(&orch)
+        .run();
+    agent.expect_denied(
+        &tcp_denied,
+        &Denial {
+            proto: "tcp",
+            src_segment: "orchestrator",
+            dst_segment: "retrieval",
+            dst_addr: "127.0.0.1",
+            dst_port: rag_tcp_port,
+        },
+    );
+
+    ProbeCmd::udp_send(format!("127.0.0.1:{inf_udp_port}"))
+        .in_cgroup(&orch)
+        .expect_reply()
+        .run()
+        .assert_ok();
+    let udp_denied = ProbeCmd::udp_send(format!("127.0.0.1:{rag_udp_port}"))
+        .in_cgroup(&orch)
+        .run();
+    agent.expect_denied(
+        &udp_denied,
+        &Denial {
+            proto: "udp",
+            src_segment: "orchestrator",
+            dst_segment: "retrieval",
+            dst_addr: "127.0.0.1",
+            dst_port: rag_udp_port,
+        },
+    );
+}
+
+#[test]
+fn the_same_port_on_two_loopback_addresses_is_judged_by_the_segment_owning_each_socket() {
+    require_root!();
+    const PORT: u16 = 27460;
+    let cg = TestCgroup::new();
+    let orch = cg.child("orch");
+    let inf = cg.child("inf/pod-0");
+    let rag = cg.child("rag");
+    let agent = Agent::start_ready(
+        &Policy::enforce(&cg)
+            .cgroups("orchestrator", &["orch*"])
+            .cgroups("inference", &["inf/**"])
+            .cgroups("retrieval", &["rag"])
+            .allow("orchestrator", "inference", &[format!("{PORT}/tcp")]),
+        &cg,
+    );
+    // 127.0.0.0/8 is all loopback: two sockets, same port, different owners.
+    let inf_server = ProbeCmd::tcp_listen(format!("127.0.0.1:{PORT}"))
+        .in_cgroup(&inf)
+        .spawn();
+    let rag_server = ProbeCmd::tcp_listen(format!("127.0.0.2:{PORT}"))
+        .in_cgroup(&rag)
+        .spawn();
+    inf_server.wait_listening();
+    rag_server.wait_listening();
+
+    ProbeCmd::tcp_connect(format!("127.0.0.1:{PORT}"))
+        .in_cgroup(&orch)
+        .run()
+        .assert_ok();
+    let out = ProbeCmd::tcp_connect(format!("127.0.0.2:{PORT}"))
+        .in_cgroup(&orch)
+        .run();
+    agent.expect_denied(
+        &out,
+        &Denial {
+            proto: "tcp",
+            src_segment: "orchestrator",
+            dst_segment: "retrieval",
+            dst_addr: "127.0.0.2",
+            dst_port: PORT,
+        },
+    );
+}
+
+#[test]
+fn an_unlabeled_listener_in_the_subtree_on_a_port_allowed_for_inference_is_host_and_denied_for_orchestrator()
+ {
+    require_root!();
+    const PORT: u16 = 27470;
+    let cg = TestCgroup::new();
+    let orch = cg.child("orch");
+    let misc = cg.child("misc");
+    let agent = Agent::start_ready(
+        &Policy::enforce(&cg)
+            .cgroups("orchestrator", &["orch*"])
+            .cgroups("inference", &["inf/**"])
+            .allow(
+                "orchestrator",
+                "inference",
+                &[format!("{PORT}/tcp"), format!("{PORT}/udp")],
+            ),
+        &cg,
+    );
+    let tcp = ProbeCmd::tcp_listen(format!("[::]:{PORT}"))
+        .in_cgroup(&misc)
+        .spawn();
+    let udp = ProbeCmd::udp_echo(format!("[::]:{PORT}"))
+        .in_cgroup(&misc)
+        .spawn();
+    tcp.wait_listening();
+    udp.wait_listening();
+
+    let out = ProbeCmd::tcp_connect(format!("127.0.0.1:{PORT}"))
+        .in_cgroup(&orch)
+        .run();
+    agent.expect_denied(
+        &out,
+        &Denial {
+            proto: "tcp",
+            src_segment: "orchestrator",
+            dst_segment: "host",
+            dst_addr: "127.0.0.1",
+            dst_port: PORT,
+        },
+    );
+    let out = ProbeCmd::udp_send(format!("[::1]:{PORT}"))
+        .in_cgroup(&orch)
+        .run();
+    agent.expect_denied(
+        &out,
+        &Denial {
+            proto: "udp",
+            src_segment: "orchestrator",
+            dst_segment: "host",
+            dst_addr: "::1",
+            dst_port: PORT,
+        },
+    );
+}
+
+#[test]
+fn an_unlabeled_listener_outside_the_subtree_on_a_port_allowed_for_inference_is_host_and_denied_for_orchestrator()
+ {
+    require_root!();
+    const PORT: u16 = 27480;
+    let cg = TestCgroup::new();
+    let orch = cg.child("orch");
+    let agent = Agent::start_ready(
+        &Policy::enforce(&cg)
+            .cgroups("orchestrator", &["orch*"])
+            .cgroups("inference", &["inf/**"])
+            .allow("orchestrator", "inference", &[format!("{PORT}/tcp")]),
+        &cg,
+    );
+    // No cgroup: the listener stays in the test process's cgroup, outside the agent's subtree.
+    let outside = ProbeCmd::tcp_listen(format!("127.0.0.1:{PORT}")).spawn();
+    outside.wait_listening();
+
+    let out = ProbeCmd::tcp_connect(format!("127.0.0.1:{PORT}"))
+        .in_cgroup(&orch)
+        .run();
+    agent.expect_denied(
+        &out,
+        &Denial {
+            proto: "tcp",
+            src_segment: "orchestrator",
+            dst_segment: "host",
+            dst_addr: "127.0.0.1",
+            dst_port: PORT,
+        },
+    );
+    // ...while an unlabeled client outside the subtree still reaches it.
+    ProbeCmd::tcp_connect(format!("127.0.0.1:{PORT}"))
+        .run()
+        .assert_ok();
+}
+
+#[test]
+fn a_nested_cgroup_inherits_the_segment_of_its_nearest_labeled_ancestor() {
+    require_root!();
+    const ALLOWED: u16 = 27490;
+    const OTHER: u16 = 27491;
+    let cg = TestCgroup::new();
+    let deep = cg.child("orch/worker/deep");
+    let rag_job = cg.child("orch/worker/rag/job");
+    let replica = cg.child("inf/pod-0/replica");
+    let agent = Agent::start_ready(
+        &Policy::enforce(&cg)
+            .cgroups("orchestrator", &["orch*"])
+            // A labeled cgroup below orch: its descendants are retrieval, not orchestrator.
+            .cgroups("retrieval", &["orch/worker/rag"])
+            .cgroups("inference", &["inf/**"])
+            .allow("orchestrator", "inference", &[format!("{ALLOWED}/tcp")]),
+        &cg,
+    );
+    let allowed = ProbeCmd::tcp_listen(format!("127.0.0.1:{ALLOWED}"))
+        .in_cgroup(&replica)
+        .spawn();
+    let other = ProbeCmd::tcp_listen(format!("127.0.0.1:{OTHER}"))
+        .in_cgroup(&replica)
+        .spawn();
+    allowed.wait_listening();
+    other.wait_listening();
+
+    ProbeCmd::tcp_connect(format!("127.0.0.1:{ALLOWED}"))
+        .in_cgroup(&deep)
+        .run()
+        .assert_ok();
+
+    let out = ProbeCmd::tcp_connect(format!("127.0.0.1:{OTHER}"))
+        .in_cgroup(&deep)
+        .run();
+    let v = agent.expect_denied(
+        &out,
+        &Denial {
+            proto: "tcp",
+            src_segment: "orchestrator",
+            dst_segment: "inference",
+            dst_addr: "127.0.0.1",
+            dst_port: OTHER,
+        },
+    );
+    assert_eq!(
+        v["src"]["cgroup"].as_str(),
+        Some(deep.proc_path().as_str()),
+        "src.cgroup: {v}"
+    );
+
+    let out = ProbeCmd::tcp_connect(format!("127.0.0.1:{ALLOWED}"))
+        .in_cgroup(&rag_job)
+        .run();
+    let v = agent.expect_denied(
+        &out,
+        &Denial {
+            proto: "tcp",
+            src_segment: "retrieval",
+            dst_segment: "inference",
+            dst_addr: "127.0.0.1",
+            dst_port: ALLOWED,
+        },
+    );
+    assert_eq!(
+        v["src"]["cgroup"].as_str(),
+        Some(rag_job.proc_path().as_str()),
+        "src.cgroup: {v}"
+    );
+}

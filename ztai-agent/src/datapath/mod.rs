@@ -1,0 +1,270 @@
+//! The only room that touches aya: load the embedded eBPF object, write the
+//! compiled policy and labels into its maps, attach its programs.
+mod addr;
+
+use std::{collections::BTreeSet, fs::File, net::IpAddr, path::{Path, PathBuf}};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray, RingBuf, lpm_trie::Key},
+    programs::{CgroupAttachMode, ProgramError},
+};
+use ztai_common::{
+    CONFIG_FLAG_LABELS_INCOMPLETE, CONFIG_FLAG_POLICY_LOADED, CgroupLabel, Config, LocalAddrKey,
+    MAX_SEGMENTS, SegmentId, SocketKey, SocketOwner, maps as m,
+};
+
+pub use addr::{ip_from_words, words_from_ip};
+
+use crate::{discovery::sockets::BoundSocket, policy::compile::CompiledPolicy};
+
+/// bpf_map_update_elem flag: fail if the key exists.
+const BPF_NOEXIST: u64 = 1;
+
+/// The object ztai-agent's build.rs built from ztai-ebpf with aya-build.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ztai"));
+
+/// Every program in the object, in the order they are attached.
+pub const PROGRAMS: &[&str] = &[
+    "ztai_post_bind4",
+    "ztai_post_bind6",
+    "ztai_sock_release",
+    "ztai_recvmsg4",
+    "ztai_recvmsg6",
+    "ztai_connect4",
+    "ztai_connect6",
+    "ztai_sendmsg4",
+    "ztai_sendmsg6",
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    #[error("loading the eBPF object failed (needs root with CAP_BPF and a kernel with BTF, 5.14 or newer)")]
+    Load(#[source] aya::EbpfError),
+    #[error("eBPF object has no program {0}")]
+    MissingProgram(&'static str),
+    #[error("eBPF object has no map {0}")]
+    MissingMap(&'static str),
+    #[error("the kernel rejected program {name}")]
+    ProgramLoad { name: &'static str, #[source] source: ProgramError },
+    #[error("cannot open cgroup {path}")]
+    OpenCgroup { path: PathBuf, #[source] source: std::io::Error },
+    #[error("attaching {name} to {path} failed")]
+    Attach { name: &'static str, path: PathBuf, #[source] source: ProgramError },
+    #[error("map {map}: {op} failed")]
+    Map { map: &'static str, op: &'static str, #[source] source: MapError },
+}
+
+fn map_err(map: &'static str, op: &'static str) -> impl FnOnce(MapError) -> DatapathError {
+    move |source| DatapathError::Map { map, op, source }
+}
+
+pub struct Datapath {
+    ebpf: Ebpf,
+    config: Config,
+    local_addrs: BTreeSet<LocalAddrKey>,
+}
+
+impl Datapath {
+    /// Loads the object and every program into the kernel (the verifier runs
+    /// here), attaching nothing yet.
+    pub fn load() -> Result<Self, DatapathError> {
+        let mut ebpf = EbpfLoader::new().load(EBPF_OBJECT).map_err(DatapathError::Load)?;
+        for name in m::ALL {
+            if ebpf.map(name).is_none() {
+                return Err(DatapathError::MissingMap(static_name(name)));
+            }
+        }
+        for &name in PROGRAMS {
+            let prog = ebpf.program_mut(name).ok_or(DatapathError::MissingProgram(name))?;
+            let result = match prog {
+                aya::programs::Program::CgroupSockAddr(p) => p.load(),
+                aya::programs::Program::CgroupSock(p) => p.load(),
+                _ => return Err(DatapathError::MissingProgram(name)),
+            };
+            result.map_err(|source| DatapathError::ProgramLoad { name, source })?;
+        }
+        Ok(Self { ebpf, config: Config::default(), local_addrs: BTreeSet::new() })
+    }
+
+    fn map_mut(&mut self, name: &'static str) -> Result<&mut aya::maps::Map, DatapathError> {
+        self.ebpf.map_mut(name).ok_or(DatapathError::MissingMap(name))
+    }
+
+    /// Writes a compiled policy (its generation's entries), then switches the
+    /// kernel to that generation with one array update.
+    pub fn apply_policy(&mut self, compiled: &CompiledPolicy) -> Result<(), DatapathError> {
+        let generation = compiled.generation as u32;
+        {
+            let mut flags: Array<_, u32> = Array::try_from(self.map_mut(m::SEGMENT_FLAGS)?).map_err(map_err(m::SEGMENT_FLAGS, "open"))?;
+            for (id, f) in compiled.segment_flags.iter().enumerate() {
+                flags.set(generation * MAX_SEGMENTS + id as u32, *f, 0).map_err(map_err(m::SEGMENT_FLAGS, "set"))?;
+            }
+        }
+        {
+            let mut pairs: HashMap<_, ztai_common::PairKey, ztai_common::PairValue> =
+                HashMap::try_from(self.map_mut(m::RULE_PAIRS)?).map_err(map_err(m::RULE_PAIRS, "open"))?;
+            for (k, v) in &compiled.pairs {
+                pairs.insert(k, v, 0).map_err(map_err(m::RULE_PAIRS, "insert"))?;
+            }
+        }
+        {
+            let mut ports: HashMap<_, ztai_common::PortKey, ztai_common::RuleRef> =
+                HashMap::try_from(self.map_mut(m::RULE_PORTS)?).map_err(map_err(m::RULE_PORTS, "open"))?;
+            for (k, v) in &compiled.ports {
+                ports.insert(k, v, 0).map_err(map_err(m::RULE_PORTS, "insert"))?;
+            }
+        }
+        {
+            let mut ranges: LpmTrie<_, [u8; ztai_common::RANGE_KEY_BYTES], ztai_common::RuleRef> =
+                LpmTrie::try_from(self.map_mut(m::RULE_RANGES)?).map_err(map_err(m::RULE_RANGES, "open"))?;
+            for (prefix, data, v) in &compiled.ranges {
+                ranges.insert(&Key::new(*prefix, *data), v, 0).map_err(map_err(m::RULE_RANGES, "insert"))?;
+            }
+        }
+        {
+            let mut cidrs: LpmTrie<_, [u8; ztai_common::CIDR_KEY_BYTES], ztai_common::SegmentRef> =
+                LpmTrie::try_from(self.map_mut(m::CIDRS)?).map_err(map_err(m::CIDRS, "open"))?;
+            for (prefix, data, v) in &compiled.cidrs {
+                cidrs.insert(&Key::new(*prefix, *data), v, 0).map_err(map_err(m::CIDRS, "insert"))?;
+            }
+        }
+        self.config.active_gen = generation;
+        self.config.flags |= CONFIG_FLAG_POLICY_LOADED;
+        self.write_config()
+    }
+
+    fn write_config(&mut self) -> Result<(), DatapathError> {
+        let config = self.config;
+        let mut arr: Array<_, Config> = Array::try_from(self.map_mut(m::CONFIG)?).map_err(map_err(m::CONFIG, "open"))?;
+        arr.set(0, config, 0).map_err(map_err(m::CONFIG, "set"))
+    }
+
+    /// Labels cgroups; returns the ids that could not be written. Any failure
+    /// sets the kernel's fail-closed flag for unlabeled traffic, since one of
+    /// those cgroups may be a labeled workload passing as `host`.
+    pub fn set_cgroup_labels(&mut self, labels: &[(u64, SegmentId)]) -> Result<Vec<u64>, DatapathError> {
+        let mut failed = Vec::new();
+        {
+            let mut map: HashMap<_, u64, CgroupLabel> =
+                HashMap::try_from(self.map_mut(m::CGROUP_LABELS)?).map_err(map_err(m::CGROUP_LABELS, "open"))?;
+            for (id, segment) in labels {
+                if map.insert(id, CgroupLabel { segment: *segment, _pad: 0 }, 0).is_err() {
+                    failed.push(*id);
+                }
+            }
+        }
+        if !failed.is_empty() && self.config.flags & CONFIG_FLAG_LABELS_INCOMPLETE == 0 {
+            self.config.flags |= CONFIG_FLAG_LABELS_INCOMPLETE;
+            self.write_config()?;
+        }
+        Ok(failed)
+    }
+
+    pub fn remove_cgroup_labels(&mut self, ids: &[u64]) -> Result<(), DatapathError> {
+        let mut map: HashMap<_, u64, CgroupLabel> =
+            HashMap::try_from(self.map_mut(m::CGROUP_LABELS)?).map_err(map_err(m::CGROUP_LABELS, "open"))?;
+        for id in ids {
+            match map.remove(id) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(map_err(m::CGROUP_LABELS, "remove")(e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes the kernel's set of this host's addresses equal `addrs`.
+    pub fn sync_local_addrs(&mut self, netns_cookie: u64, addrs: &BTreeSet<IpAddr>) -> Result<(), DatapathError> {
+        let wanted: BTreeSet<LocalAddrKey> =
+            addrs.iter().map(|a| LocalAddrKey { netns_cookie, addr: words_from_ip(*a) }).collect();
+        let current = std::mem::take(&mut self.local_addrs);
+        let mut map: HashMap<_, LocalAddrKey, u32> =
+            HashMap::try_from(self.ebpf.map_mut(m::LOCAL_ADDRS).ok_or(DatapathError::MissingMap(m::LOCAL_ADDRS))?)
+                .map_err(map_err(m::LOCAL_ADDRS, "open"))?;
+        for gone in current.difference(&wanted) {
+            match map.remove(gone) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(map_err(m::LOCAL_ADDRS, "remove")(e)),
+            }
+        }
+        for new in wanted.difference(&current) {
+            map.insert(new, 1, 0).map_err(map_err(m::LOCAL_ADDRS, "insert"))?;
+        }
+        self.local_addrs = wanted;
+        Ok(())
+    }
+
+    /// Records owners of sockets bound before the programs were attached.
+    /// Entries the kernel already made (with a socket cookie) are kept.
+    pub fn record_existing_sockets(&mut self, netns_cookie: u64, sockets: &[BoundSocket]) -> Result<usize, DatapathError> {
+        let mut map: HashMap<_, SocketKey, SocketOwner> =
+            HashMap::try_from(self.map_mut(m::SOCKET_OWNERS)?).map_err(map_err(m::SOCKET_OWNERS, "open"))?;
+        let mut recorded = 0;
+        let mut keys = Vec::new();
+        for s in sockets {
+            let key = SocketKey {
+                netns_cookie,
+                addr: words_from_ip(s.local.ip()),
+                port: s.local.port(),
+                family: s.family as u8,
+                proto: s.proto,
+                _pad: 0,
+            };
+            let cookie = s.cookie.unwrap_or(0);
+            let owner = SocketOwner { sock_cookie: cookie, cgroup_id: s.cgroup_id, segment: s.segment, _pad: 0 };
+            match map.insert(key, owner, BPF_NOEXIST) {
+                Ok(()) => {
+                    recorded += 1;
+                    if cookie != 0 {
+                        keys.push((cookie, key));
+                    }
+                }
+                Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EEXIST) => {}
+                Err(e) => return Err(map_err(m::SOCKET_OWNERS, "insert")(e)),
+            }
+        }
+        // Lets the socket's own release remove the entry, as for kernel-made ones.
+        let mut by_cookie: HashMap<_, u64, SocketKey> =
+            HashMap::try_from(self.map_mut(m::SOCKET_KEYS)?).map_err(map_err(m::SOCKET_KEYS, "open"))?;
+        for (cookie, key) in keys {
+            by_cookie.insert(cookie, key, 0).map_err(map_err(m::SOCKET_KEYS, "insert"))?;
+        }
+        Ok(recorded)
+    }
+
+    /// Attaches every program at `cgroup` as a bpf_link (aya does so on 5.7+).
+    /// The kernel always attaches cgroup links in multi-attach mode and takes
+    /// no flags for them (BPF_F_ALLOW_MULTI is EINVAL), so `Single` is the mode
+    /// to pass; programs attached below cannot override ours, since the kernel
+    /// runs every program on the path and any denial wins.
+    pub fn attach(&mut self, cgroup: &Path) -> Result<(), DatapathError> {
+        let file = File::open(cgroup).map_err(|source| DatapathError::OpenCgroup { path: cgroup.to_path_buf(), source })?;
+        for &name in PROGRAMS {
+            let prog = self.ebpf.program_mut(name).ok_or(DatapathError::MissingProgram(name))?;
+            let result = match prog {
+                aya::programs::Program::CgroupSockAddr(p) => p.attach(&file, CgroupAttachMode::Single).map(|_| ()),
+                aya::programs::Program::CgroupSock(p) => p.attach(&file, CgroupAttachMode::Single).map(|_| ()),
+                _ => return Err(DatapathError::MissingProgram(name)),
+            };
+            result.map_err(|source| DatapathError::Attach { name, path: cgroup.to_path_buf(), source })?;
+        }
+        Ok(())
+    }
+
+    pub fn take_events(&mut self) -> Result<RingBuf<MapData>, DatapathError> {
+        let map = self.ebpf.take_map(m::EVENTS).ok_or(DatapathError::MissingMap(m::EVENTS))?;
+        RingBuf::try_from(map).map_err(map_err(m::EVENTS, "open"))
+    }
+
+    /// Sum over CPUs of one `COUNTER_*`.
+    pub fn counter(&self, index: u32) -> Result<u64, DatapathError> {
+        let map = self.ebpf.map(m::COUNTERS).ok_or(DatapathError::MissingMap(m::COUNTERS))?;
+        let arr: PerCpuArray<_, u64> = PerCpuArray::try_from(map).map_err(map_err(m::COUNTERS, "open"))?;
+        let values = arr.get(&index, 0).map_err(map_err(m::COUNTERS, "get"))?;
+        Ok(values.iter().sum())
+    }
+}
+
+fn static_name(name: &str) -> &'static str {
+    m::ALL.iter().find(|n| **n == name).copied().unwrap_or("unknown")
+}

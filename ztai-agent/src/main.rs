@@ -1,0 +1,110 @@
+//! Thin main: parse the CLI, validate into a typed config, then run.
+use std::{path::PathBuf, process::ExitCode, time::Duration};
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use ztai_agent::{
+    discovery::cgroups::{CgroupRoot, cgroup2_mount},
+    logging,
+    policy::{self, PolicyError, Severity},
+    runtime::{self, RunConfig},
+};
+
+#[derive(Parser)]
+#[command(name = "ztai-agent", version, about = "Zero-trust microsegmentation for AI workloads: enforces a segment policy with cgroup eBPF programs.")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Enforce a policy: attach the programs, label cgroups, print one JSON line per violation on stdout.
+    Run {
+        /// Segment policy file (YAML).
+        #[arg(long, value_name = "FILE")]
+        policy: PathBuf,
+        /// Cgroup to attach under: absolute, or relative to the cgroup2 mount. Default: the cgroup2 mount itself.
+        #[arg(long, value_name = "DIR")]
+        cgroup_root: Option<PathBuf>,
+        /// Debug-level diagnostics on stderr.
+        #[arg(long, short)]
+        verbose: bool,
+    },
+    /// Validate policy files: exit 0 if all are valid, else 1 with one `file:line:column` line per problem.
+    Check {
+        #[arg(required = true, value_name = "FILE")]
+        files: Vec<PathBuf>,
+        /// Treat warnings as errors.
+        #[arg(long)]
+        strict: bool,
+    },
+}
+
+fn check(files: &[PathBuf], strict: bool) -> ExitCode {
+    let mut failed = false;
+    for file in files {
+        match policy::load_policy(file) {
+            Ok(checked) => {
+                for w in &checked.warnings {
+                    eprintln!("{w}");
+                }
+                if strict && !checked.warnings.is_empty() {
+                    failed = true;
+                } else {
+                    println!("{}: ok ({} segments, {} rules)", file.display(), checked.policy.segments.len(), checked.policy.rules.len());
+                }
+            }
+            Err(PolicyError::Invalid { diagnostics, .. }) => {
+                for d in &diagnostics {
+                    eprintln!("{d}");
+                }
+                failed |= strict || diagnostics.iter().any(|d| d.severity == Severity::Error);
+            }
+            Err(e) => {
+                eprintln!("{}: error: {e:#}", file.display());
+                failed = true;
+            }
+        }
+    }
+    if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS }
+}
+
+fn run(policy_path: PathBuf, cgroup_root: Option<PathBuf>) -> anyhow::Result<()> {
+    let checked = match policy::load_policy(&policy_path) {
+        Ok(c) => c,
+        Err(PolicyError::Invalid { path, diagnostics }) => {
+            for d in &diagnostics {
+                eprintln!("{d}");
+            }
+            anyhow::bail!("policy {} is invalid; nothing was attached", path.display());
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let mount = cgroup2_mount()?;
+    let cgroup_root = CgroupRoot::resolve(&mount, cgroup_root.as_deref())?;
+    let config = RunConfig { policy_path, policy: checked, cgroup_root, rescan_every: Duration::from_secs(1) };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    rt.block_on(runtime::run(config))?;
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Check { files, strict } => check(&files, strict),
+        Command::Run { policy, cgroup_root, verbose } => {
+            logging::init(verbose);
+            match run(policy, cgroup_root) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    log::error!(error = format!("{e:#}"); "ztai-agent failed");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,217 @@
+//! Kernel violation events → one JSON line each on stdout.
+use std::{collections::HashMap, net::IpAddr};
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde_json::{Value, json};
+use ztai_common::{
+    DIRECTION_INGRESS, HOOK_CONNECT4, HOOK_CONNECT6, HOOK_POST_BIND4, HOOK_POST_BIND6, HOOK_SENDMSG4,
+    HOOK_SENDMSG6, PROTO_TCP, PROTO_UDP, REASON_LABELS_INCOMPLETE, REASON_NO_POLICY, REASON_NO_RULE,
+    REASON_SOCKET_TABLE_FULL, REASON_UNKNOWN_FAMILY, SegmentId, VERDICT_AUDIT, VERDICT_DENY,
+    ViolationEvent,
+};
+
+use crate::datapath::ip_from_words;
+
+pub fn rfc3339_now() -> String {
+    Utc::now().to_rfc3339_opts(SecondsFormat::Micros, true)
+}
+
+fn clock_ns(clock: libc::clockid_t) -> i128 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: ts is valid storage; both clocks always exist on Linux.
+    unsafe { libc::clock_gettime(clock, &mut ts) };
+    ts.tv_sec as i128 * 1_000_000_000 + ts.tv_nsec as i128
+}
+
+/// Wall-clock time of a `bpf_ktime_get_ns` (CLOCK_MONOTONIC) stamp.
+fn wall_time_of(ktime_ns: u64) -> String {
+    let now_wall = clock_ns(libc::CLOCK_REALTIME);
+    let now_mono = clock_ns(libc::CLOCK_MONOTONIC);
+    let wall = now_wall - (now_mono - ktime_ns as i128);
+    let secs = wall.div_euclid(1_000_000_000) as i64;
+    let nanos = wall.rem_euclid(1_000_000_000) as u32;
+    DateTime::<Utc>::from_timestamp(secs, nanos)
+        .unwrap_or_else(Utc::now)
+        .to_rfc3339_opts(SecondsFormat::Micros, true)
+}
+
+pub fn proto_name(proto: u8) -> &'static str {
+    match proto {
+        PROTO_TCP => "tcp",
+        PROTO_UDP => "udp",
+        1 => "icmp",
+        58 => "icmpv6",
+        _ => "other",
+    }
+}
+
+fn hook_name(hook: u8) -> &'static str {
+    match hook {
+        HOOK_CONNECT4 => "connect4",
+        HOOK_CONNECT6 => "connect6",
+        HOOK_SENDMSG4 => "sendmsg4",
+        HOOK_SENDMSG6 => "sendmsg6",
+        HOOK_POST_BIND4 => "post_bind4",
+        HOOK_POST_BIND6 => "post_bind6",
+        _ => "unknown",
+    }
+}
+
+fn addr_json(words: [u32; 4]) -> Value {
+    match ip_from_words(words) {
+        ip if ip.is_unspecified() => Value::Null,
+        IpAddr::V4(v4) => v4.to_string().into(),
+        IpAddr::V6(v6) => v6.to_string().into(),
+    }
+}
+
+fn port_json(port: u16) -> Value {
+    if port == 0 { Value::Null } else { port.into() }
+}
+
+/// What the reporter needs to turn ids into names.
+pub trait Names {
+    fn segment_name(&self, id: SegmentId) -> String;
+    /// "/a/b" style path of a cgroup id, if known.
+    fn cgroup_path(&self, id: u64) -> Option<String>;
+}
+
+/// Segment names by id plus cgroup paths by id, refreshed by the runtime.
+#[derive(Debug, Default, Clone)]
+pub struct NameTable {
+    pub segments: Vec<String>,
+    pub cgroups: HashMap<u64, String>,
+}
+
+impl Names for NameTable {
+    fn segment_name(&self, id: SegmentId) -> String {
+        self.segments.get(id as usize).cloned().unwrap_or_else(|| format!("unknown-segment-{id}"))
+    }
+    fn cgroup_path(&self, id: u64) -> Option<String> {
+        self.cgroups.get(&id).cloned()
+    }
+}
+
+/// The sentence a person reads first.
+pub fn reason_text(ev: &ViolationEvent, names: &dyn Names) -> String {
+    let src = names.segment_name(ev.src_segment);
+    let dst = names.segment_name(ev.dst_segment);
+    let proto = proto_name(ev.proto);
+    match ev.reason {
+        REASON_NO_RULE => format!("no rule allows {src} -> {dst} {proto}/{}", ev.dst_port),
+        REASON_SOCKET_TABLE_FULL => format!(
+            "socket-owner table is full: a {src} socket could not be recorded, so it is refused rather than passing as host"
+        ),
+        REASON_UNKNOWN_FAMILY => format!("address family unknown to ztai: {src} fails closed"),
+        REASON_LABELS_INCOMPLETE => {
+            "the agent could not label every cgroup, so unlabeled traffic under the attach point fails closed".to_string()
+        }
+        REASON_NO_POLICY => "no policy is loaded yet, so everything under the attach point fails closed".to_string(),
+        other => format!("denied (reason code {other})"),
+    }
+}
+
+pub fn render(ev: &ViolationEvent, names: &dyn Names) -> Value {
+    let verdict = match ev.verdict {
+        VERDICT_DENY => "deny",
+        VERDICT_AUDIT => "audit",
+        _ => "allow",
+    };
+    let direction = if ev.direction == DIRECTION_INGRESS { "ingress" } else { "egress" };
+    let comm_len = ev.comm.iter().position(|b| *b == 0).unwrap_or(ev.comm.len());
+    json!({
+        "ts": wall_time_of(ev.ts_ns),
+        "verdict": verdict,
+        "direction": direction,
+        "proto": proto_name(ev.proto),
+        "src": {
+            "segment": names.segment_name(ev.src_segment),
+            "cgroup": names.cgroup_path(ev.cgroup_id),
+            "cgroup_id": ev.cgroup_id,
+            "pid": (ev.pid_tgid >> 32) as u32,
+            "comm": String::from_utf8_lossy(&ev.comm[..comm_len]),
+            "uid": ev.uid_gid as u32,
+            "addr": addr_json(ev.src_addr),
+            "port": port_json(ev.src_port),
+        },
+        "dst": {
+            "segment": names.segment_name(ev.dst_segment),
+            "addr": addr_json(ev.dst_addr),
+            "port": port_json(ev.dst_port),
+        },
+        "reason": reason_text(ev, names),
+        "hook": hook_name(ev.hook),
+    })
+}
+
+/// Parses one ring-buffer record; None if it is not a whole event.
+pub fn parse_event(bytes: &[u8]) -> Option<ViolationEvent> {
+    if bytes.len() < std::mem::size_of::<ViolationEvent>() {
+        return None;
+    }
+    // SAFETY: length checked; ViolationEvent is Pod (any bit pattern valid); unaligned read.
+    Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<ViolationEvent>()) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::datapath::words_from_ip;
+
+    fn names() -> NameTable {
+        NameTable {
+            segments: vec!["host".into(), "world".into(), "orchestrator".into(), "enterprise".into()],
+            cgroups: [(42, "/ai.slice/orchestrator".to_string())].into_iter().collect(),
+        }
+    }
+
+    fn event() -> ViolationEvent {
+        let mut comm = [0u8; 16];
+        comm[..5].copy_from_slice(b"agent");
+        ViolationEvent {
+            ts_ns: 1,
+            cgroup_id: 42,
+            sock_cookie: 7,
+            pid_tgid: (1234u64 << 32) | 1235,
+            uid_gid: (1000u64 << 32) | 1001,
+            src_segment: 2,
+            dst_segment: 3,
+            src_addr: [0; 4],
+            dst_addr: words_from_ip("198.18.40.9".parse().unwrap()),
+            src_port: 0,
+            dst_port: 443,
+            proto: PROTO_TCP,
+            direction: ztai_common::DIRECTION_EGRESS,
+            verdict: VERDICT_DENY,
+            reason: REASON_NO_RULE,
+            hook: HOOK_CONNECT4,
+            _pad: [0; 7],
+            comm,
+        }
+    }
+
+    #[test]
+    fn a_denial_renders_every_required_key() {
+        let v = render(&event(), &names());
+        assert_eq!(v["verdict"], "deny");
+        assert_eq!(v["direction"], "egress");
+        assert_eq!(v["proto"], "tcp");
+        assert_eq!(v["src"]["segment"], "orchestrator");
+        assert_eq!(v["src"]["cgroup"], "/ai.slice/orchestrator");
+        assert_eq!(v["src"]["pid"], 1234);
+        assert_eq!(v["src"]["uid"], 1001);
+        assert_eq!(v["src"]["comm"], "agent");
+        assert_eq!(v["src"]["addr"], Value::Null);
+        assert_eq!(v["src"]["port"], Value::Null);
+        assert_eq!(v["dst"]["segment"], "enterprise");
+        assert_eq!(v["dst"]["addr"], "198.18.40.9");
+        assert_eq!(v["dst"]["port"], 443);
+        assert_eq!(v["reason"], "no rule allows orchestrator -> enterprise tcp/443");
+        assert!(DateTime::parse_from_rfc3339(v["ts"].as_str().unwrap()).is_ok());
+    }
+
+    #[test]
+    fn short_records_are_rejected() {
+        assert!(parse_event(&[0u8; 8]).is_none());
+    }
+}
