@@ -194,16 +194,29 @@ fn harness_guards_create_and_remove_cgroups_netns_and_veth() {
         .in_netns(remote.netns())
         .spawn();
     let uport = echo.wait_listening().port();
-    ProbeCmd::udp_send(SocketAddr::new(remote.v4(), uport))
-        .in_cgroup(&orch)
-        .expect_reply()
-        .run()
-        .assert_ok();
-    ProbeCmd::udp_send(SocketAddr::new(remote.v6(), uport))
-        .in_cgroup(&orch)
-        .expect_reply()
-        .run()
-        .assert_ok();
+    // Every remote address, connected and not: the wildcard-bound echo server must reply from
+    // the address it was sent to (a connected client drops anything else).
+    for ip in [
+        remote.v4(),
+        remote.v4_alt(),
+        remote.world_v4(),
+        remote.v6(),
+        remote.v6_alt(),
+        remote.world_v6(),
+    ] {
+        let to = SocketAddr::new(ip, uport);
+        ProbeCmd::udp_send(to)
+            .in_cgroup(&orch)
+            .expect_reply()
+            .run()
+            .assert_ok();
+        ProbeCmd::udp_send(to)
+            .in_cgroup(&orch)
+            .connected()
+            .expect_reply()
+            .run()
+            .assert_ok();
+    }
 
     // The netns is isolated: its loopback does not reach the host's listeners.
     let host_server = ProbeCmd::tcp_listen("127.0.0.1:0").spawn();

@@ -1,9 +1,12 @@
 //! How the destination's and the source's segments are decided on one host: by the cgroup owning
 //! the listening/bound socket, unlabeled listeners are `host`, nested cgroups inherit.
 //!
-//! Fixed policy ports of this file: 27460, 27470, 27480, 27490-27491 (unique across the suite).
+//! Fixed policy ports of this file: 27460, 27470, 27480, 27490-27491, 27495, 27496 (unique across
+//! the suite).
 
-use ztai_tests::{Agent, Denial, Policy, ProbeCmd, TestCgroup, require_root};
+use std::time::Duration;
+
+use ztai_tests::{Agent, Denial, Policy, ProbeCmd, TestCgroup, require_root, try_wait_until};
 
 #[test]
 fn two_loopback_servers_in_different_segments_get_different_verdicts_for_the_same_client() {
@@ -277,5 +280,113 @@ fn a_nested_cgroup_inherits_the_segment_of_its_nearest_labeled_ancestor() {
         v["src"]["cgroup"].as_str(),
         Some(rag_job.proc_path().as_str()),
         "src.cgroup: {v}"
+    );
+}
+
+#[test]
+fn a_cgroup_created_after_the_agent_started_gets_its_segment_without_a_restart() {
+    require_root!();
+    const PORT: u16 = 27495;
+    let cg = TestCgroup::new();
+    let inf = cg.child("inf/pod-0");
+    let agent = Agent::start_ready(
+        &Policy::enforce(&cg)
+            .cgroups("orchestrator", &["orch*"])
+            .cgroups("inference", &["inf/**"])
+            .allow("orchestrator", "inference", &[format!("{PORT}/tcp")]),
+        &cg,
+    );
+    let server = ProbeCmd::tcp_listen(format!("127.0.0.1:{PORT}"))
+        .in_cgroup(&inf)
+        .spawn();
+    server.wait_listening();
+
+    // Created after "ready": until the agent labels it, it is an unlabeled (host) cgroup and
+    // host -> inference is denied; once labeled orchestrator the allowed port opens.
+    let late = cg.child("orch-late");
+    let mut attempts = Vec::new();
+    let opened = try_wait_until(Duration::from_secs(20), || {
+        let out = ProbeCmd::tcp_connect(format!("127.0.0.1:{PORT}"))
+            .in_cgroup(&late)
+            .run();
+        let ok = out.is_ok();
+        assert!(
+            ok || out.is_eperm(),
+            "only EPERM (not yet labeled) or ok are expected: {out}"
+        );
+        attempts.push(out);
+        ok.then_some(())
+    });
+    assert!(
+        opened.is_some(),
+        "a cgroup matching orch* created after the agent started was never treated as orchestrator; \
+         last attempt: {}\n{}",
+        attempts.last().expect("at least one attempt"),
+        agent.diagnostics()
+    );
+    for denied in attempts.iter().filter(|o| o.is_eperm()) {
+        let v = agent.wait_violation_from(denied.pid);
+        assert_eq!(
+            v["src"]["segment"], "host",
+            "before labeling the new cgroup is host: {v}"
+        );
+    }
+}
+
+#[test]
+fn listeners_started_before_the_agent_are_judged_by_the_segment_of_their_cgroup() {
+    require_root!();
+    const PORT: u16 = 27496;
+    let cg = TestCgroup::new();
+    let orch = cg.child("orch");
+    let inf = cg.child("inf/pod-0");
+    let rag = cg.child("rag");
+    // Both servers bind before any program is attached.
+    let inf_server = ProbeCmd::tcp_listen(format!("127.0.0.1:{PORT}"))
+        .in_cgroup(&inf)
+        .spawn();
+    let rag_server = ProbeCmd::tcp_listen(format!("[::1]:{PORT}"))
+        .in_cgroup(&rag)
+        .spawn();
+    let inf_udp = ProbeCmd::udp_echo(format!("127.0.0.1:{PORT}"))
+        .in_cgroup(&inf)
+        .spawn();
+    inf_server.wait_listening();
+    rag_server.wait_listening();
+    inf_udp.wait_listening();
+    let agent = Agent::start_ready(
+        &Policy::enforce(&cg)
+            .cgroups("orchestrator", &["orch*"])
+            .cgroups("inference", &["inf/**"])
+            .cgroups("retrieval", &["rag"])
+            .allow(
+                "orchestrator",
+                "inference",
+                &[format!("{PORT}/tcp"), format!("{PORT}/udp")],
+            ),
+        &cg,
+    );
+
+    ProbeCmd::tcp_connect(format!("127.0.0.1:{PORT}"))
+        .in_cgroup(&orch)
+        .run()
+        .assert_ok();
+    ProbeCmd::udp_send(format!("127.0.0.1:{PORT}"))
+        .in_cgroup(&orch)
+        .expect_reply()
+        .run()
+        .assert_ok();
+    let out = ProbeCmd::tcp_connect(format!("[::1]:{PORT}"))
+        .in_cgroup(&orch)
+        .run();
+    agent.expect_denied(
+        &out,
+        &Denial {
+            proto: "tcp",
+            src_segment: "orchestrator",
+            dst_segment: "retrieval",
+            dst_addr: "::1",
+            dst_port: PORT,
+        },
     );
 }

@@ -1,1 +1,154 @@
-fn main() {}
+//! Project tasks: `cargo xtask setup | build | run | test`.
+mod toolchain;
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, ExitCode},
+};
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask", about = "ztai project tasks")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what the eBPF build and the tests need (idempotent).
+    Setup,
+    /// Build ztai-agent with its embedded eBPF object.
+    Build {
+        #[arg(long)]
+        release: bool,
+    },
+    /// Build, then run the agent with policies/ai-reference.yaml (needs root).
+    /// Arguments after `--` go to `ztai-agent run`, e.g. `-- --cgroup-root ai.slice`.
+    Run {
+        #[arg(long)]
+        release: bool,
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Unit tests, then the integration tests on the real kernel (need root).
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."))
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc_geteuid() == 0 }
+}
+
+unsafe extern "C" {
+    #[link_name = "geteuid"]
+    fn libc_geteuid() -> u32;
+}
+
+fn run_cmd(cmd: &mut Command) -> anyhow::Result<()> {
+    eprintln!("xtask: {}", display(cmd));
+    let status = cmd.status().with_context(|| format!("cannot run {}", display(cmd)))?;
+    if !status.success() {
+        bail!("{} failed ({status})", display(cmd));
+    }
+    Ok(())
+}
+
+fn display(cmd: &Command) -> String {
+    std::iter::once(cmd.get_program().to_string_lossy().into_owned())
+        .chain(cmd.get_args().map(|a| a.to_string_lossy().into_owned()))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn have(program: &str) -> bool {
+    Command::new(program).arg("-V").output().is_ok()
+}
+
+/// Debian packages the integration tests use: `ip` (iproute2) for network
+/// namespaces and veth pairs.
+fn ensure_test_packages() -> anyhow::Result<()> {
+    if have("ip") {
+        return Ok(());
+    }
+    if !is_root() || !have("apt-get") {
+        bail!("`ip` (iproute2) is missing; install it with your package manager (Debian: apt-get install iproute2)");
+    }
+    run_cmd(Command::new("apt-get").args(["install", "-y", "-q", "iproute2"]).env("DEBIAN_FRONTEND", "noninteractive"))
+        .or_else(|_| {
+            run_cmd(Command::new("apt-get").args(["update", "-q"]))?;
+            run_cmd(Command::new("apt-get").args(["install", "-y", "-q", "iproute2"]).env("DEBIAN_FRONTEND", "noninteractive"))
+        })
+}
+
+fn setup() -> anyhow::Result<PathBuf> {
+    let mut log = |m: &str| eprintln!("xtask setup: {m}");
+    let linker_dir = toolchain::ensure_ebpf_toolchain(&mut log).map_err(|e| anyhow::anyhow!(e))?;
+    eprintln!("xtask setup: bpf-linker ready in {}", linker_dir.display());
+    Ok(linker_dir)
+}
+
+fn cargo() -> Command {
+    let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    cmd.current_dir(workspace_root());
+    cmd
+}
+
+fn build(release: bool) -> anyhow::Result<PathBuf> {
+    setup()?;
+    let mut cmd = cargo();
+    cmd.args(["build", "--package", "ztai-agent"]);
+    if release {
+        cmd.arg("--release");
+    }
+    run_cmd(&mut cmd)?;
+    Ok(workspace_root().join("target").join(if release { "release" } else { "debug" }).join("ztai-agent"))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Task::Setup => setup().and_then(|_| ensure_test_packages()),
+        Task::Build { release } => build(release).map(|_| ()),
+        Task::Run { release, args } => (|| {
+            if !is_root() {
+                bail!("ztai-agent attaches eBPF programs to cgroups: run as root (sudo -E cargo xtask run)");
+            }
+            let agent = build(release)?;
+            let mut cmd = Command::new(&agent);
+            cmd.arg("run");
+            if !args.iter().any(|a| a == "--policy" || a.starts_with("--policy=")) {
+                cmd.arg("--policy").arg(workspace_root().join("policies/ai-reference.yaml"));
+            }
+            cmd.args(&args);
+            run_cmd(&mut cmd)
+        })(),
+        Task::Test { args } => (|| {
+            ensure_test_packages()?;
+            let agent = build(false)?;
+            let mut cmd = cargo();
+            cmd.args(["test", "--workspace"]).env("ZTAI_AGENT_BIN", &agent).args(&args);
+            if !is_root() {
+                eprintln!("xtask test: not root, so the integration tests will report themselves SKIPPED");
+            }
+            run_cmd(&mut cmd)
+        })(),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -160,7 +160,8 @@ pub fn ensure_ebpf_toolchain(log: &mut dyn FnMut(&str)) -> Result<PathBuf, Strin
     ensure_bpf_linker(log)
 }
 
-/// PATH with `dir` in front.
+/// PATH with `dir` in front (ztai-agent's build.rs puts bpf-linker there).
+#[allow(dead_code)]
 pub fn path_with(dir: &Path) -> std::ffi::OsString {
     let mut paths = vec![dir.to_path_buf()];
     if let Some(p) = env::var_os("PATH") {

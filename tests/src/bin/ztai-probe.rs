@@ -16,7 +16,7 @@
 //! Exit codes: 0 ok, 2 usage, 3 EPERM, 4 ECONNREFUSED, 5 other error, 6 no UDP reply in time.
 
 use std::io::{self, BufRead, BufReader, Write};
-use std::mem::{size_of, zeroed};
+use std::mem::{size_of, size_of_val, zeroed};
 use std::net::{SocketAddr, SocketAddrV4, SocketAddrV6, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::process::exit;
@@ -377,19 +377,163 @@ fn udp_echo(addr: SocketAddr) -> i32 {
         Ok(fd) => fd,
         Err(code) => return code,
     };
-    let sock = UdpSocket::from(fd);
+    // Ask for each datagram's destination address, so a wildcard-bound server replies from the
+    // address the client sent to (like real UDP servers must when a host has several addresses;
+    // a connected client drops replies from any other source).
+    let pktinfo = if addr.is_ipv4() {
+        setsockopt_int(fd.as_raw_fd(), libc::IPPROTO_IP, libc::IP_PKTINFO, 1)
+    } else {
+        setsockopt_int(
+            fd.as_raw_fd(),
+            libc::IPPROTO_IPV6,
+            libc::IPV6_RECVPKTINFO,
+            1,
+        )
+    };
+    if let Err(e) = pktinfo {
+        return fail("setsockopt pktinfo", &e);
+    }
     let mut buf = [0u8; 2048];
     loop {
-        match sock.recv_from(&mut buf) {
-            Ok((n, src)) => match sock.send_to(&buf[..n], src) {
-                Ok(_) => say(&format!("echo {src} ok")),
-                Err(e) => {
-                    let name = e.raw_os_error().map(errno_name).unwrap_or("EOTHER");
-                    say(&format!("echo {src} err {name} {e}"));
+        match recv_with_dst(fd.as_raw_fd(), &mut buf) {
+            Ok((n, src, src_len, dst)) => {
+                let peer = from_sockaddr(&src)
+                    .map(|a| a.to_string())
+                    .unwrap_or_else(|| "?".into());
+                match send_from(fd.as_raw_fd(), &buf[..n], &src, src_len, dst) {
+                    Ok(()) => say(&format!("echo {peer} ok")),
+                    Err(e) => {
+                        let name = e.raw_os_error().map(errno_name).unwrap_or("EOTHER");
+                        say(&format!("echo {peer} err {name} {e}"));
+                    }
                 }
-            },
+            }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => eprintln!("recv_from: {e}"),
+            Err(e) => eprintln!("recvmsg: {e}"),
+        }
+    }
+}
+
+/// The local (destination) address a datagram was sent to, from IP_PKTINFO / IPV6_PKTINFO.
+#[derive(Clone, Copy)]
+enum PktDst {
+    V4(libc::in_pktinfo),
+    V6(libc::in6_pktinfo),
+}
+
+/// recvmsg(): payload length, source address, and the destination address (if reported).
+fn recv_with_dst(
+    fd: RawFd,
+    buf: &mut [u8],
+) -> io::Result<(
+    usize,
+    libc::sockaddr_storage,
+    libc::socklen_t,
+    Option<PktDst>,
+)> {
+    // SAFETY: msghdr/sockaddr_storage are plain data; all pointers refer to live locals of the
+    // right sizes, and cmsgs are only read through the CMSG_* accessors within msg_controllen.
+    unsafe {
+        let mut src: libc::sockaddr_storage = zeroed();
+        let mut control = [0u64; 16];
+        let mut iov = libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        };
+        let mut msg: libc::msghdr = zeroed();
+        msg.msg_name = (&mut src as *mut libc::sockaddr_storage).cast();
+        msg.msg_namelen = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = size_of_val(&control) as _;
+        let n = libc::recvmsg(fd, &mut msg, 0);
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut dst = None;
+        let mut c = libc::CMSG_FIRSTHDR(&msg);
+        while !c.is_null() {
+            let h = &*c;
+            if h.cmsg_level == libc::IPPROTO_IP && h.cmsg_type == libc::IP_PKTINFO {
+                dst = Some(PktDst::V4(std::ptr::read_unaligned(
+                    libc::CMSG_DATA(c).cast(),
+                )));
+            } else if h.cmsg_level == libc::IPPROTO_IPV6 && h.cmsg_type == libc::IPV6_PKTINFO {
+                dst = Some(PktDst::V6(std::ptr::read_unaligned(
+                    libc::CMSG_DATA(c).cast(),
+                )));
+            }
+            c = libc::CMSG_NXTHDR(&msg, c);
+        }
+        Ok((n as usize, src, msg.msg_namelen, dst))
+    }
+}
+
+/// sendmsg() of `data` to `to`, from the local address `from` (when known).
+fn send_from(
+    fd: RawFd,
+    data: &[u8],
+    to: &libc::sockaddr_storage,
+    to_len: libc::socklen_t,
+    from: Option<PktDst>,
+) -> io::Result<()> {
+    // SAFETY: as in recv_with_dst; the one cmsg written fits in `control` (CMSG_SPACE checked).
+    unsafe {
+        let mut control = [0u64; 16];
+        let mut iov = libc::iovec {
+            iov_base: data.as_ptr() as *mut libc::c_void,
+            iov_len: data.len(),
+        };
+        let mut msg: libc::msghdr = zeroed();
+        msg.msg_name = to as *const libc::sockaddr_storage as *mut libc::c_void;
+        msg.msg_namelen = to_len;
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        let (level, ty, len) = match from {
+            Some(PktDst::V4(_)) => (
+                libc::IPPROTO_IP,
+                libc::IP_PKTINFO,
+                size_of::<libc::in_pktinfo>(),
+            ),
+            Some(PktDst::V6(_)) => (
+                libc::IPPROTO_IPV6,
+                libc::IPV6_PKTINFO,
+                size_of::<libc::in6_pktinfo>(),
+            ),
+            None => (0, 0, 0),
+        };
+        if let Some(pkt) = from {
+            let space = libc::CMSG_SPACE(len as u32) as usize;
+            assert!(space <= size_of_val(&control));
+            msg.msg_control = control.as_mut_ptr().cast();
+            msg.msg_controllen = space as _;
+            let c = libc::CMSG_FIRSTHDR(&msg);
+            (*c).cmsg_level = level;
+            (*c).cmsg_type = ty;
+            (*c).cmsg_len = libc::CMSG_LEN(len as u32) as _;
+            match pkt {
+                PktDst::V4(p) => {
+                    // Reply from the address the datagram was sent to; let routing pick the
+                    // interface.
+                    let out = libc::in_pktinfo {
+                        ipi_ifindex: 0,
+                        ipi_spec_dst: p.ipi_addr,
+                        ipi_addr: p.ipi_addr,
+                    };
+                    std::ptr::write_unaligned(libc::CMSG_DATA(c).cast(), out);
+                }
+                PktDst::V6(p) => std::ptr::write_unaligned(libc::CMSG_DATA(c).cast(), p),
+            }
+        }
+        loop {
+            if libc::sendmsg(fd, &msg, 0) >= 0 {
+                return Ok(());
+            }
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(e);
+            }
         }
     }
 }

@@ -55,6 +55,10 @@ impl GlobLanguage {
         Self { matcher: glob.compile_matcher(), glob, prefix, literal, dfa: OnceCell::new() }
     }
 
+    pub(crate) fn matcher(&self) -> &GlobMatcher {
+        &self.matcher
+    }
+
     fn dfa(&self) -> Result<&dense::DFA<Vec<u32>>, OverlapError> {
         self.dfa.get_or_init(|| build_dfa(&self.glob)).as_ref().map_err(Clone::clone)
     }

@@ -73,17 +73,17 @@ fn check_single_document(cx: &mut Checker<'_>, text: &str) {
     let mut ended = false;
     for (i, line) in text.lines().enumerate() {
         let span = Span { line: i + 1, column: 1 };
-        let is_marker =
-            |m: &str| line.strip_prefix(m).is_some_and(|rest| rest.is_empty() || rest.starts_with([' ', '\t']));
+        // A marker is the line's first three characters, alone or followed by blanks.
+        let marker = |m: &str| line.strip_prefix(m).filter(|rest| rest.is_empty() || rest.starts_with([' ', '\t']));
         let body = line.trim();
-        if is_marker("---") {
+        if let Some(rest) = marker("---") {
             if seen_content || ended {
                 cx.error(span, "a second YAML document starts here: a policy file holds exactly one policy");
                 return;
             }
-            let rest = line[3..].trim();
+            let rest = rest.trim();
             seen_content = !rest.is_empty() && !rest.starts_with('#');
-        } else if is_marker("...") {
+        } else if marker("...").is_some() {
             ended |= seen_content;
         } else if body.is_empty() || body.starts_with('#') || (!seen_content && line.starts_with('%')) {
             // Blank, comment or directive.
@@ -107,26 +107,32 @@ fn load(cx: &mut Checker<'_>, text: &str) -> Option<Node> {
                 scalar_span(&dup.key),
                 format!("duplicate key `{}` (first at line {})", dup.key.as_str(), first.line),
             );
-            // Check the rest with the last value winning, so the duplicate does not hide other problems.
-            marked_yaml::parse_yaml_with_options(0, text, LoaderOptions::default().prevent_coercion(true)).ok()
+            // The loader stops at the first duplicate. Go on with the last value
+            // winning, so the duplicate does not hide other problems.
+            let lenient = LoaderOptions::default().prevent_coercion(true);
+            marked_yaml::parse_yaml_with_options(0, text, lenient).map_err(|e| report_load_error(cx, &e)).ok()
         }
         Err(e) => {
-            let (marker, message) = match &e {
-                LoadError::TopLevelMustBeMapping(m) | LoadError::TopLevelMustBeSequence(m) => {
-                    (m, "a policy file must be a YAML mapping with apiVersion, kind, metadata and spec".to_owned())
-                }
-                LoadError::UnexpectedAnchor(m) => {
-                    (m, "YAML anchors and aliases are not supported in policies".to_owned())
-                }
-                LoadError::MappingKeyMustBeScalar(m) => (m, "mapping keys must be plain strings".to_owned()),
-                LoadError::UnexpectedTag(m) => (m, "YAML tags (`!tag`) are not supported in policies".to_owned()),
-                LoadError::ScanError(m, scan) => (m, format!("invalid YAML: {}", scan.info())),
-                LoadError::DuplicateKey(_) => return None,
-            };
-            cx.error(Span { line: marker.line(), column: marker.column() }, message);
+            report_load_error(cx, &e);
             None
         }
     }
+}
+
+fn report_load_error(cx: &mut Checker<'_>, e: &LoadError) {
+    let at = |m: &marked_yaml::Marker| Span { line: m.line(), column: m.column() };
+    let (span, message) = match e {
+        LoadError::TopLevelMustBeMapping(m) | LoadError::TopLevelMustBeSequence(m) => {
+            (at(m), "a policy file must be a YAML mapping with apiVersion, kind, metadata and spec".to_owned())
+        }
+        LoadError::UnexpectedAnchor(m) => (at(m), "YAML anchors and aliases are not supported in policies".to_owned()),
+        LoadError::MappingKeyMustBeScalar(m) => (at(m), "mapping keys must be plain strings".to_owned()),
+        LoadError::UnexpectedTag(m) => (at(m), "YAML tags (`!tag`) are not supported in policies".to_owned()),
+        LoadError::ScanError(m, scan) => (at(m), format!("invalid YAML: {}", scan.info())),
+        // Only the strict loader reports duplicates, and `load` handles those itself.
+        LoadError::DuplicateKey(dup) => (scalar_span(&dup.key), format!("duplicate key `{}`", dup.key.as_str())),
+    };
+    cx.error(span, message);
 }
 
 fn marker_span(span: &marked_yaml::Span) -> Span {
@@ -209,6 +215,10 @@ fn as_list<'n>(cx: &mut Checker<'_>, node: &'n Node, key: Span, what: &str) -> O
 fn as_string<'n>(cx: &mut Checker<'_>, node: &'n Node, key: Span, what: &str) -> Option<(&'n str, Span)> {
     match node {
         Node::Scalar(s) if !is_null(node) && !s.as_str().is_empty() => Some((s.as_str(), scalar_span(s))),
+        Node::Scalar(s) if !is_null(node) => {
+            cx.error(scalar_span(s), format!("{what} must not be empty"));
+            None
+        }
         _ => {
             cx.error(value_span(node, key), format!("{what} must be a string, found {}", describe(node)));
             None
@@ -278,8 +288,9 @@ fn check_root(cx: &mut Checker<'_>, root: &Node) -> Option<Policy> {
             None
         }
     };
-    let no_segments = Vec::new();
-    let names = SegmentNames::new(segments.as_ref().unwrap_or(&no_segments));
+    // Without readable segments, unknown names in rules would only echo that problem.
+    let no_segments = Declared::default();
+    let names = SegmentNames::new(segments.as_ref().unwrap_or(&no_segments), segments.is_some());
 
     let rules = match entry(spec, "allow") {
         Some((key, node)) => check_rules(cx, node, key, &names),
@@ -287,7 +298,7 @@ fn check_root(cx: &mut Checker<'_>, root: &Node) -> Option<Policy> {
         None => Some(Vec::new()),
     };
 
-    Some(Policy { name: name?, mode: mode?, segments: segments?, rules: rules? })
+    Some(Policy { name: name?, mode: mode?, segments: segments?.segments, rules: rules? })
 }
 
 /// `apiVersion` and `kind`: required, with one accepted value.
@@ -306,8 +317,19 @@ fn check_fixed(cx: &mut Checker<'_>, root: &MarkedMappingNode, key: &str, expect
 
 // ---------------------------------------------------------------- segments
 
-fn check_segments(cx: &mut Checker<'_>, map: &MarkedMappingNode, default_mode: Mode) -> Vec<Segment> {
+/// The declared segments, as far as they could be checked.
+#[derive(Default)]
+struct Declared {
+    segments: Vec<Segment>,
+    /// Segments declaring `cidrs` but no `cgroups`: they never hold a local
+    /// process. Taken from the file, not from the selectors that passed, so a
+    /// bad glob does not also make the segment's rules look ineffective.
+    address_only: Vec<SegmentId>,
+}
+
+fn check_segments(cx: &mut Checker<'_>, map: &MarkedMappingNode, default_mode: Mode) -> Declared {
     let mut segments = Vec::new();
+    let mut address_only = Vec::new();
     // Glob languages of every valid selector, with its segment's index, for the overlap check.
     let mut globs: Vec<(usize, Span, String, GlobLanguage)> = Vec::new();
     // Prefix in kernel form → (segment index, text, position): one segment per prefix.
@@ -353,11 +375,11 @@ fn check_segments(cx: &mut Checker<'_>, map: &MarkedMappingNode, default_mode: M
         };
         check_keys(cx, body, SEGMENT_KEYS, &format!("segment `{name}`"));
 
-        let mut selectors = 0;
+        let (mut cgroup_selectors, mut cidr_selectors) = (0, 0);
         if let Some((key, node)) = entry(body, "cgroups")
             && let Some(list) = as_list(cx, node, key, &format!("`{name}.cgroups`"))
         {
-            selectors += list.len();
+            cgroup_selectors = list.len();
             for item in list.iter() {
                 let Some((pattern, span)) = as_string(cx, item, key, "a cgroup glob") else { continue };
                 if let Some((selector, language)) = check_glob(cx, pattern, span) {
@@ -369,7 +391,7 @@ fn check_segments(cx: &mut Checker<'_>, map: &MarkedMappingNode, default_mode: M
         if let Some((key, node)) = entry(body, "cidrs")
             && let Some(list) = as_list(cx, node, key, &format!("`{name}.cidrs`"))
         {
-            selectors += list.len();
+            cidr_selectors = list.len();
             for item in list.iter() {
                 let Some((text, span)) = as_string(cx, item, key, "a cidr") else { continue };
                 let Some(net) = check_cidr(cx, text, span) else { continue };
@@ -400,8 +422,10 @@ fn check_segments(cx: &mut Checker<'_>, map: &MarkedMappingNode, default_mode: M
                 }
             }
         }
-        if selectors == 0 {
+        if cgroup_selectors + cidr_selectors == 0 {
             cx.error(span, nothing);
+        } else if cgroup_selectors == 0 {
+            address_only.push(segment.id);
         }
         if let Some((key, node)) = entry(body, "mode") {
             segment.mode = parse_mode(cx, node, key, &format!("`{name}.mode`")).unwrap_or(default_mode);
@@ -410,7 +434,7 @@ fn check_segments(cx: &mut Checker<'_>, map: &MarkedMappingNode, default_mode: M
     }
 
     check_overlaps(cx, &segments, &globs);
-    segments
+    Declared { segments, address_only }
 }
 
 fn check_segment_name(name: &str) -> Result<(), String> {
@@ -454,8 +478,8 @@ fn check_glob(cx: &mut Checker<'_>, pattern: &str, span: Span) -> Option<(Cgroup
             return None;
         }
     };
-    let selector = CgroupSelector::new(pattern.to_owned(), span, glob.compile_matcher());
     let language = GlobLanguage::new(glob);
+    let selector = CgroupSelector::new(pattern.to_owned(), span, language.matcher().clone());
     match language.example() {
         Ok(Some(_)) => {}
         Ok(None) => cx.warning(
@@ -526,27 +550,33 @@ fn check_overlaps(cx: &mut Checker<'_>, segments: &[Segment], globs: &[(usize, S
 /// reported once) and the built-ins.
 struct SegmentNames<'p> {
     ids: HashMap<&'p str, SegmentId>,
-    /// Declared segments without cgroups: they never hold a local process.
+    /// Ends that never hold a local process: `world` and address-only segments.
     address_only: Vec<SegmentId>,
     declared: Vec<&'p str>,
+    /// Report unknown names (false when the segments could not be read).
+    report_unknown: bool,
 }
 
 impl<'p> SegmentNames<'p> {
-    fn new(segments: &'p [Segment]) -> Self {
+    fn new(declared: &'p Declared, report_unknown: bool) -> Self {
+        let segments = &declared.segments;
         let mut ids: HashMap<&str, SegmentId> = segments.iter().map(|s| (s.name.as_str(), s.id)).collect();
         ids.insert(HOST_NAME, SEGMENT_HOST);
         ids.insert(WORLD_NAME, SEGMENT_WORLD);
-        let address_only = segments.iter().filter(|s| s.cgroups.is_empty() && !s.cidrs.is_empty()).map(|s| s.id);
         Self {
             ids,
-            address_only: address_only.chain([SEGMENT_WORLD]).collect(),
+            address_only: declared.address_only.iter().copied().chain([SEGMENT_WORLD]).collect(),
             declared: segments.iter().map(|s| s.name.as_str()).collect(),
+            report_unknown,
         }
     }
 
     fn resolve(&self, cx: &mut Checker<'_>, name: &str, span: Span, field: &str) -> Option<SegmentId> {
         if let Some(&id) = self.ids.get(name) {
             return Some(id);
+        }
+        if !self.report_unknown {
+            return None;
         }
         let candidates = self.declared.iter().copied().chain([HOST_NAME, WORLD_NAME]);
         let message = match did_you_mean(name, candidates) {

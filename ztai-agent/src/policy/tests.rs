@@ -172,6 +172,23 @@ fn duplicate_key_is_positioned_and_checking_continues() {
 }
 
 #[test]
+fn empty_strings_and_bad_names_are_reported_once() {
+    let segments = "    Web:\n      cgroups: [\"\"]\n      cidrs: [\"10.0.0.0/8\"]\n";
+    let allow = "    - from: Web\n      to: world\n";
+    let p = problems(&policy_with(segments, allow));
+    let got: Vec<_> = p.iter().map(|p| (p.0, p.1, p.3.as_str())).collect();
+    let l = SEGMENTS_LINE;
+    // The rule still resolves `Web`: one mistake, one error.
+    assert_eq!(
+        got,
+        vec![
+            (l, 5, "segment name `Web` must start with a lowercase letter: write `web`"),
+            (l + 1, 17, "a cgroup glob must not be empty"),
+        ]
+    );
+}
+
+#[test]
 fn second_document_is_an_error() {
     let text = format!("# leading comment\n---\n{EXAMPLE}---\nkind: SegmentPolicy\n");
     let (line, column, message) = one_error(&text);
@@ -232,6 +249,12 @@ fn unknown_keys_everywhere() {
             (19, 7, "unknown key `port` in a rule; did you mean `ports`? allowed keys: from, to, ports"),
         ]
     );
+}
+
+#[test]
+fn unreadable_segments_do_not_cascade_into_rules() {
+    let text = policy_with("    - a\n", "    - from: a\n      to: b\n");
+    assert_eq!(one_error(&text), (SEGMENTS_LINE, 5, "`spec.segments` must be a mapping, found a list".to_owned()));
 }
 
 #[test]
