@@ -158,6 +158,12 @@ pub async fn run(config: RunConfig) -> Result<(), RuntimeError> {
     let existing = sockets::bound_sockets_of_labeled(&cgroup_root.mount, &scanned);
     let recorded = datapath.record_existing_sockets(netns_cookie, &existing)?;
 
+    // The logger outlives the programs' use of it: the loop owns it until the
+    // datapath is dropped below.
+    let mut kernel_log = match datapath.take_kernel_log() {
+        Some(l) => Some(register(l, "cannot register the kernel log")?),
+        None => None,
+    };
     let events = datapath.take_events()?;
     let mut events = register(events, "cannot register the event ring buffer")?;
 
@@ -210,6 +216,11 @@ pub async fn run(config: RunConfig) -> Result<(), RuntimeError> {
                 }
                 guard.clear_ready();
             }
+            guard = async { kernel_log.as_mut().expect("guarded by the branch condition").readable_mut().await }, if kernel_log.is_some() => {
+                let mut guard = guard.map_err(io_err("kernel log poll failed"))?;
+                guard.get_inner_mut().flush();
+                guard.clear_ready();
+            }
             _ = rescan.tick() => {
                 match cgroups::scan(&cgroup_root, &policy) {
                     Ok(scanned) => {
@@ -225,6 +236,7 @@ pub async fn run(config: RunConfig) -> Result<(), RuntimeError> {
     info!(signal = signal_name, events_dropped = dropped; "shutting down: detaching programs");
     drop(events);
     drop(datapath);
+    drop(kernel_log);
     info!("stopped");
     Ok(())
 }

@@ -65,6 +65,7 @@ fn record_bound_socket(ctx: &SockContext, key: SocketKey) -> i32 {
     }
     // A labeled listener whose owner cannot be recorded would pass as `host`:
     // refuse the bind instead, and say why.
+    aya_log_ebpf::warn!(ctx, "socket-owner table full: bind of port {} by segment {} refused", key.port, segment);
     count(COUNTER_DENIED);
     let flow = Flow {
         cgroup_id,

@@ -159,6 +159,9 @@ pub fn authorize_egress<const V6: bool>(ctx: &SockAddrContext, hook: u8) -> i32 
         // A labeled UDP sender's autobound port must be known to be its own,
         // or datagrams to it would be judged as going to `host`.
         v = remember_udp_sender(sk, netns, cookie, cgroup_id, src, generation);
+        if v.verdict != VERDICT_ALLOW {
+            aya_log_ebpf::warn!(ctx, "socket-owner table full: datagram from segment {} refused", src);
+        }
     }
     finish(&flow, v)
 }

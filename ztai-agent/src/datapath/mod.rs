@@ -15,6 +15,8 @@ use ztai_common::{
 };
 
 pub use addr::{ip_from_words, words_from_ip};
+/// Kernel log forwarder writing into the process-wide `log` logger.
+pub type KernelLog = aya_log::EbpfLogger<&'static dyn log::Log>;
 
 use crate::{discovery::sockets::BoundSocket, policy::compile::CompiledPolicy};
 
@@ -61,6 +63,10 @@ fn map_err(map: &'static str, op: &'static str) -> impl FnOnce(MapError) -> Data
 
 pub struct Datapath {
     ebpf: Ebpf,
+    /// Forwards the programs' aya-log records (rare fail-closed diagnostics)
+    /// to our log. Must live as long as the programs: dropping it closes the
+    /// log map the programs were loaded against.
+    kernel_log: Option<KernelLog>,
     config: Config,
     local_addrs: BTreeSet<LocalAddrKey>,
 }
@@ -70,6 +76,14 @@ impl Datapath {
     /// here), attaching nothing yet.
     pub fn load() -> Result<Self, DatapathError> {
         let mut ebpf = EbpfLoader::new().load(EBPF_OBJECT).map_err(DatapathError::Load)?;
+        // Before the programs load: they are verified against the log map.
+        let kernel_log = match KernelLog::init(&mut ebpf) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                log::warn!(error = e.to_string(); "kernel-side log unavailable; fail-closed diagnostics will only show as counters and events");
+                None
+            }
+        };
         for name in m::ALL {
             if ebpf.map(name).is_none() {
                 return Err(DatapathError::MissingMap(static_name(name)));
@@ -84,7 +98,7 @@ impl Datapath {
             };
             result.map_err(|source| DatapathError::ProgramLoad { name, source })?;
         }
-        Ok(Self { ebpf, config: Config::default(), local_addrs: BTreeSet::new() })
+        Ok(Self { ebpf, kernel_log, config: Config::default(), local_addrs: BTreeSet::new() })
     }
 
     fn map_mut(&mut self, name: &'static str) -> Result<&mut aya::maps::Map, DatapathError> {
@@ -249,6 +263,12 @@ impl Datapath {
             result.map_err(|source| DatapathError::Attach { name, path: cgroup.to_path_buf(), source })?;
         }
         Ok(())
+    }
+
+    /// The kernel log's readiness fd, handed to the event loop, which calls
+    /// `EbpfLogger::flush` when it is readable.
+    pub fn take_kernel_log(&mut self) -> Option<KernelLog> {
+        self.kernel_log.take()
     }
 
     pub fn take_events(&mut self) -> Result<RingBuf<MapData>, DatapathError> {
