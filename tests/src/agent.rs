@@ -86,6 +86,9 @@ impl Agent {
             .arg(policy.path())
             .arg("--cgroup-root")
             .arg(&cgroup_root)
+            // Tests run in parallel: each agent gets its own metrics port.
+            .arg("--metrics-addr")
+            .arg("127.0.0.1:0")
             .env("RUST_BACKTRACE", "1")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -104,6 +107,15 @@ impl Agent {
             status: None,
             diagnostics_shown: Cell::new(false),
         }
+    }
+
+    /// Where this agent serves /metrics (from its "ready" line).
+    pub fn metrics_addr(&self) -> std::net::SocketAddr {
+        self.logs()
+            .iter()
+            .find(|v| v.get("msg") == Some(&Value::from("ready")))
+            .and_then(|v| v.get("metrics_addr")?.as_str()?.parse().ok())
+            .unwrap_or_else(|| panic!("the agent's ready line names no metrics_addr\n{}", self.diagnostics()))
     }
 
     pub fn pid(&self) -> u32 {

@@ -75,9 +75,25 @@ fn have(program: &str) -> bool {
     Command::new(program).arg("-V").output().is_ok()
 }
 
-/// Debian packages the integration tests use: `ip` (iproute2) for network
-/// namespaces and veth pairs.
+/// What the tests use besides Rust: `ip` (iproute2, Debian) for network
+/// namespaces and veth pairs, and Python's prometheus-client (PyPI), the
+/// reference OpenMetrics parser that checks /metrics.
 fn ensure_test_packages() -> anyhow::Result<()> {
+    ensure_iproute2()?;
+    ensure_openmetrics_parser()
+}
+
+fn ensure_openmetrics_parser() -> anyhow::Result<()> {
+    let probe = Command::new("python3").args(["-c", "import prometheus_client.openmetrics.parser"]).output();
+    match probe {
+        Ok(out) if out.status.success() => Ok(()),
+        Ok(_) => run_cmd(Command::new("python3").args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "prometheus-client"]))
+            .context("cannot install the OpenMetrics parser the tests use (python3 -m pip install prometheus-client)"),
+        Err(_) => bail!("python3 is missing; the metrics tests parse /metrics with Python's prometheus-client (Debian: apt-get install python3 python3-pip)"),
+    }
+}
+
+fn ensure_iproute2() -> anyhow::Result<()> {
     if have("ip") {
         return Ok(());
     }

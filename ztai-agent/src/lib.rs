@@ -5,7 +5,9 @@
 //! `report` turns kernel events into JSON lines; `runtime` is the event loop.
 pub mod datapath;
 pub mod discovery;
+pub mod flows;
 pub mod logging;
+pub mod metrics;
 pub mod policy;
 pub mod report;
 pub mod runtime;

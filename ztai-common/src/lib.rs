@@ -47,6 +47,9 @@ pub const REASON_UNKNOWN_FAMILY: u8 = 3;
 pub const REASON_LABELS_INCOMPLETE: u8 = 4;
 /// No policy generation is active yet (agent still starting).
 pub const REASON_NO_POLICY: u8 = 5;
+/// An inbound IPv6 packet whose transport header sits behind extension
+/// headers: its ports cannot be judged, so a labeled receiver drops it.
+pub const REASON_UNPARSEABLE: u8 = 6;
 
 /// Which hook produced an event (`ViolationEvent::hook`).
 pub const HOOK_CONNECT4: u8 = 1;
@@ -55,6 +58,8 @@ pub const HOOK_SENDMSG4: u8 = 3;
 pub const HOOK_SENDMSG6: u8 = 4;
 pub const HOOK_POST_BIND4: u8 = 5;
 pub const HOOK_POST_BIND6: u8 = 6;
+pub const HOOK_SKB_INGRESS: u8 = 7;
+pub const HOOK_SKB_EGRESS: u8 = 8;
 
 pub const DIRECTION_EGRESS: u8 = 1;
 pub const DIRECTION_INGRESS: u8 = 2;
@@ -237,7 +242,63 @@ pub const COUNTER_AUDITED: u32 = 2;
 pub const COUNTER_EVENTS_DROPPED: u32 = 3;
 pub const COUNTER_SOCKET_TABLE_FULL: u32 = 4;
 pub const COUNTER_UDP_REPLIES: u32 = 5;
+/// New entries made in `maps::FLOWS`; minus the live entries, the evictions.
+pub const COUNTER_FLOWS_CREATED: u32 = 6;
+pub const COUNTER_INGRESS_DROPPED: u32 = 7;
 pub const COUNTERS_LEN: u32 = 8;
+
+/// A connection in initiator orientation: `s*` is the side that sent first.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct TupleKey {
+    pub saddr: [u32; 4],
+    pub daddr: [u32; 4],
+    /// Host byte order.
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+/// What the metrics and the flow view count by: (source segment, destination
+/// segment, destination address, destination port, protocol, verdict).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub src: SegmentId,
+    pub dst: SegmentId,
+    pub dst_addr: [u32; 4],
+    /// Host byte order.
+    pub dst_port: u16,
+    pub proto: u8,
+    pub verdict: u8,
+}
+
+/// `Conn::counted_by`: the initiator runs under the attach point, so its
+/// egress and ingress count the connection; the responder's hooks skip it.
+pub const COUNTED_BY_INITIATOR: u8 = 1;
+/// The initiator is outside (remote, or a local process outside the attach
+/// point): the responder's hooks count it.
+pub const COUNTED_BY_RESPONDER: u8 = 2;
+
+/// Value of `maps::CONNS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Conn {
+    pub flow: FlowKey,
+    pub counted_by: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Per-CPU value of `maps::FLOWS`. "orig" is initiator → responder.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowCounters {
+    pub orig_packets: u64,
+    pub orig_bytes: u64,
+    pub reply_packets: u64,
+    pub reply_bytes: u64,
+}
 
 /// One record on `maps::EVENTS`: a denied (or audited) connection or datagram.
 #[repr(C)]
@@ -285,6 +346,10 @@ mod pod {
     unsafe impl aya::Pod for ExchangeKey {}
     unsafe impl aya::Pod for ExchangeValue {}
     unsafe impl aya::Pod for ViolationEvent {}
+    unsafe impl aya::Pod for TupleKey {}
+    unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for Conn {}
+    unsafe impl aya::Pod for FlowCounters {}
 }
 
 #[cfg(test)]
@@ -304,6 +369,10 @@ mod layout_tests {
         assert_eq!(size_of::<SocketOwner>(), 24);
         assert_eq!(size_of::<LocalAddrKey>(), 24);
         assert_eq!(size_of::<ExchangeKey>(), 32);
+        assert_eq!(size_of::<TupleKey>(), 40);
+        assert_eq!(size_of::<FlowKey>(), 28);
+        assert_eq!(size_of::<Conn>(), 32);
+        assert_eq!(size_of::<FlowCounters>(), 32);
         assert_eq!(size_of::<ViolationEvent>(), 8 * 5 + 4 * 2 + 16 * 2 + 2 * 2 + 5 + 7 + 16);
     }
 

@@ -18,6 +18,10 @@ macro_rules! map_name {
     (LOCAL_ADDRS) => { "ZTAI_LOCAL_ADDRS" };
     (UDP_EXCHANGES) => { "ZTAI_UDP_EXCHANGES" };
     (COUNTERS) => { "ZTAI_COUNTERS" };
+    (CONNS) => { "ZTAI_CONNS" };
+    (SOCK_FLOWS) => { "ZTAI_SOCK_FLOWS" };
+    (FLOWS) => { "ZTAI_FLOWS" };
+    (WORKLOAD_ADDRS) => { "ZTAI_WORKLOAD_ADDRS" };
     (EVENTS) => { "ZTAI_EVENTS" };
 }
 
@@ -35,12 +39,20 @@ pub const SOCKET_KEYS: &str = map_name!(SOCKET_KEYS);
 pub const LOCAL_ADDRS: &str = map_name!(LOCAL_ADDRS);
 pub const UDP_EXCHANGES: &str = map_name!(UDP_EXCHANGES);
 pub const COUNTERS: &str = map_name!(COUNTERS);
+/// Connections seen by the packet hooks (LRU), to count each packet once.
+pub const CONNS: &str = map_name!(CONNS);
+/// Socket cookie → the flow connect/sendmsg authorized for it.
+pub const SOCK_FLOWS: &str = map_name!(SOCK_FLOWS);
+/// Per-flow packet and byte counters (per-CPU LRU).
+pub const FLOWS: &str = map_name!(FLOWS);
+/// Addresses of labeled workloads living in their own network namespaces.
+pub const WORKLOAD_ADDRS: &str = map_name!(WORKLOAD_ADDRS);
 pub const EVENTS: &str = map_name!(EVENTS);
 
 /// Every map the agent expects in the object file.
 pub const ALL: &[&str] = &[
     CONFIG, CGROUP_LABELS, SEGMENT_FLAGS, RULE_PAIRS, RULE_PORTS, RULE_RANGES, CIDRS,
-    SOCKET_OWNERS, SOCKET_KEYS, LOCAL_ADDRS, UDP_EXCHANGES, COUNTERS, EVENTS,
+    SOCKET_OWNERS, SOCKET_KEYS, LOCAL_ADDRS, UDP_EXCHANGES, COUNTERS, EVENTS, CONNS, SOCK_FLOWS, FLOWS, WORKLOAD_ADDRS,
 ];
 
 pub const CGROUP_LABELS_MAX: u32 = 65_536;
@@ -52,6 +64,10 @@ pub const CIDRS_MAX: u32 = 65_536;
 pub const SOCKET_OWNERS_MAX: u32 = 65_536;
 pub const LOCAL_ADDRS_MAX: u32 = 4_096;
 pub const UDP_EXCHANGES_MAX: u32 = 65_536;
+pub const CONNS_MAX: u32 = 262_144;
+pub const SOCK_FLOWS_MAX: u32 = 131_072;
+pub const FLOWS_MAX: u32 = 65_536;
+pub const WORKLOAD_ADDRS_MAX: u32 = 16_384;
 /// Ring buffer size in bytes (power of two, multiple of the page size).
 pub const EVENTS_BYTES: u32 = 1 << 22;
 /// How many cgroup levels the kernel climbs to find an unlabeled cgroup's segment.

@@ -29,19 +29,32 @@ pub struct Flow {
     pub hook: u8,
 }
 
+/// An event from process context: the calling task is the one to blame.
 #[inline(always)]
 pub fn report(flow: &Flow, verdict: u8, reason: u8) {
+    let comm = bpf_get_current_comm().unwrap_or([0u8; 16]);
+    emit(flow, verdict, reason, bpf_get_current_pid_tgid(), bpf_get_current_uid_gid(), comm);
+}
+
+/// An event from packet context (softirq): the current task is whatever ran
+/// when the packet arrived, so no task is named.
+#[inline(always)]
+pub fn report_without_task(flow: &Flow, verdict: u8, reason: u8) {
+    emit(flow, verdict, reason, 0, 0, [0u8; 16]);
+}
+
+#[inline(always)]
+fn emit(flow: &Flow, verdict: u8, reason: u8, pid_tgid: u64, uid_gid: u64, comm: [u8; 16]) {
     let Some(mut entry) = EVENTS.reserve::<ViolationEvent>(0) else {
         count(COUNTER_EVENTS_DROPPED);
         return;
     };
-    let comm = bpf_get_current_comm().unwrap_or([0u8; 16]);
     entry.write(ViolationEvent {
         ts_ns: unsafe { bpf_ktime_get_ns() },
         cgroup_id: flow.cgroup_id,
         sock_cookie: flow.sock_cookie,
-        pid_tgid: bpf_get_current_pid_tgid(),
-        uid_gid: bpf_get_current_uid_gid(),
+        pid_tgid,
+        uid_gid,
         src_segment: flow.src_segment,
         dst_segment: flow.dst_segment,
         src_addr: flow.src_addr,

@@ -5,6 +5,7 @@ use aya_ebpf::{
     bindings::{bpf_sock, bpf_sock_tuple},
     helpers::generated::{
         bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_sk_lookup_tcp,
+        bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id,
         bpf_sk_lookup_udp, bpf_sk_release,
     },
     maps::lpm_trie::Key,
@@ -16,7 +17,7 @@ use ztai_common::{
 
 use crate::{
     addr::{Addr, is_always_local, is_v4_mapped, to_bytes, v4_mapped},
-    maps::{CGROUP_LABELS, CIDRS, LOCAL_ADDRS, SOCKET_OWNERS},
+    maps::{CGROUP_LABELS, CIDRS, LOCAL_ADDRS, SOCKET_OWNERS, WORKLOAD_ADDRS},
 };
 
 /// Segment of the current task's cgroup. The agent labels every cgroup it has
@@ -33,6 +34,29 @@ pub fn current_segment() -> (SegmentId, u64) {
     let mut level = 0;
     while level < CGROUP_MAX_DEPTH {
         let ancestor = unsafe { bpf_get_current_ancestor_cgroup_id(level as i32) };
+        if ancestor == 0 || ancestor == cgroup {
+            break;
+        }
+        if let Some(label) = unsafe { CGROUP_LABELS.get(&ancestor) } {
+            segment = label.segment;
+        }
+        level += 1;
+    }
+    (segment, cgroup)
+}
+
+/// Segment of the cgroup owning a packet's socket (cgroup_skb programs, where
+/// "current" is whatever task the softirq interrupted).
+#[inline(always)]
+pub fn skb_segment<C: EbpfContext>(ctx: &C) -> (SegmentId, u64) {
+    let cgroup = unsafe { bpf_skb_cgroup_id(ctx.as_ptr() as *mut _) };
+    if let Some(label) = unsafe { CGROUP_LABELS.get(&cgroup) } {
+        return (label.segment, cgroup);
+    }
+    let mut segment = SEGMENT_HOST;
+    let mut level = 0;
+    while level < CGROUP_MAX_DEPTH {
+        let ancestor = unsafe { bpf_skb_ancestor_cgroup_id(ctx.as_ptr() as *mut _, level as i32) };
         if ancestor == 0 || ancestor == cgroup {
             break;
         }
@@ -92,7 +116,7 @@ pub unsafe fn read_ip6(p: &[u32; 4]) -> Addr {
 }
 
 #[inline(always)]
-fn is_local(netns_cookie: u64, daddr: &Addr) -> bool {
+pub fn is_local(netns_cookie: u64, daddr: &Addr) -> bool {
     if is_always_local(daddr) {
         return true;
     }
@@ -165,8 +189,13 @@ pub fn destination_segment<C: EbpfContext>(
     remote_segment(generation, daddr)
 }
 
+/// A labeled workload in its own network namespace is known by its address;
+/// anything else remote by the longest cidrs prefix, else `world`.
 #[inline(always)]
 pub fn remote_segment(generation: u8, addr: &Addr) -> SegmentId {
+    if let Some(seg) = unsafe { WORKLOAD_ADDRS.get(addr) } {
+        return seg.segment;
+    }
     let key = Key::new(CIDR_KEY_FIXED_BITS + 128, cidr_key_data(generation, &to_bytes(addr)));
     match CIDRS.get(&key) {
         Some(seg) => seg.segment,

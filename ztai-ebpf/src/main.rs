@@ -5,15 +5,17 @@
 
 mod addr;
 mod events;
+mod flows;
 mod identity;
 mod maps;
 mod sock;
 mod sock_addr;
+mod skb;
 mod verdict;
 
 use aya_ebpf::{
-    macros::{cgroup_sock, cgroup_sock_addr},
-    programs::{SockAddrContext, SockContext},
+    macros::{cgroup_skb, cgroup_sock, cgroup_sock_addr},
+    programs::{SkBuffContext, SockAddrContext, SockContext},
 };
 use ztai_common::{HOOK_CONNECT4, HOOK_CONNECT6, HOOK_SENDMSG4, HOOK_SENDMSG6};
 
@@ -69,6 +71,18 @@ pub fn ztai_post_bind6(ctx: SockContext) -> i32 {
 #[cgroup_sock(sock_release)]
 pub fn ztai_sock_release(ctx: SockContext) -> i32 {
     sock::forget_released_socket(&ctx)
+}
+
+// cgroup_skb ingress/egress (4.10): per-flow counters, and the inbound
+// verdict for connections started outside the attach point.
+#[cgroup_skb(ingress)]
+pub fn ztai_skb_ingress(ctx: SkBuffContext) -> i32 {
+    skb::ingress(&ctx)
+}
+
+#[cgroup_skb(egress)]
+pub fn ztai_skb_egress(ctx: SkBuffContext) -> i32 {
+    skb::egress(&ctx)
 }
 
 #[cfg(not(test))]

@@ -1,8 +1,8 @@
 //! Map definitions. Names come from `ztai_common::map_name!`, the one source
 //! the agent also uses.
-use aya_ebpf::maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf};
+use aya_ebpf::maps::{Array, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray, RingBuf};
 use ztai_common::{
-    CIDR_KEY_BYTES, CgroupLabel, Config, ExchangeKey, ExchangeValue, GENERATIONS, LocalAddrKey,
+    CIDR_KEY_BYTES, CgroupLabel, Config, Conn, FlowCounters, FlowKey, TupleKey, ExchangeKey, ExchangeValue, GENERATIONS, LocalAddrKey,
     MAX_SEGMENTS, PairKey, PairValue, PortKey, RANGE_KEY_BYTES, RuleRef, SegmentRef, SocketKey,
     SocketOwner, map_name, maps as m,
 };
@@ -28,3 +28,7 @@ bpf_map!(LOCAL_ADDRS: HashMap<LocalAddrKey, u32> = HashMap::with_max_entries(m::
 bpf_map!(UDP_EXCHANGES: LruHashMap<ExchangeKey, ExchangeValue> = LruHashMap::with_max_entries(m::UDP_EXCHANGES_MAX, 0));
 bpf_map!(COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(ztai_common::COUNTERS_LEN, 0));
 bpf_map!(EVENTS: RingBuf = RingBuf::with_byte_size(m::EVENTS_BYTES, 0));
+bpf_map!(CONNS: LruHashMap<TupleKey, Conn> = LruHashMap::with_max_entries(m::CONNS_MAX, 0));
+bpf_map!(SOCK_FLOWS: LruHashMap<u64, FlowKey> = LruHashMap::with_max_entries(m::SOCK_FLOWS_MAX, 0));
+bpf_map!(FLOWS: LruPerCpuHashMap<FlowKey, FlowCounters> = LruPerCpuHashMap::with_max_entries(m::FLOWS_MAX, 0));
+bpf_map!(WORKLOAD_ADDRS: HashMap<[u32; 4], SegmentRef> = HashMap::with_max_entries(m::WORKLOAD_ADDRS_MAX, 0));

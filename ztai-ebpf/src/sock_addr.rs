@@ -9,7 +9,7 @@ use aya_ebpf::{
 use ztai_common::{
     AF_INET, AF_INET6, CONFIG_FLAG_LABELS_INCOMPLETE, CONFIG_FLAG_POLICY_LOADED, COUNTER_ALLOWED,
     COUNTER_AUDITED, COUNTER_DENIED, COUNTER_SOCKET_TABLE_FULL, COUNTER_UDP_REPLIES,
-    DIRECTION_EGRESS, ExchangeKey, ExchangeValue, HOOK_SENDMSG4, HOOK_SENDMSG6, PROTO_TCP,
+    DIRECTION_EGRESS, ExchangeKey, ExchangeValue, FlowKey, HOOK_SENDMSG4, HOOK_SENDMSG6, PROTO_TCP,
     PROTO_UDP, REASON_LABELS_INCOMPLETE, REASON_NO_POLICY, REASON_SOCKET_TABLE_FULL,
     REASON_UNKNOWN_FAMILY, SEGMENT_HOST, SEGMENT_WORLD, UDP_EXCHANGE_IDLE_NS,
     VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DENY,
@@ -19,7 +19,8 @@ use crate::{
     addr::{Addr, v4_mapped},
     events::{Flow, count, report},
     identity::{current_segment, destination_segment, read_ip6, socket_key},
-    maps::{CONFIG, SOCKET_OWNERS, UDP_EXCHANGES},
+    flows::{ORIG, add},
+    maps::{CONFIG, SOCK_FLOWS, SOCKET_OWNERS, UDP_EXCHANGES},
     verdict::{ALLOW, Verdict, decide, deny_or_audit},
 };
 
@@ -163,7 +164,27 @@ pub fn authorize_egress<const V6: bool>(ctx: &SockAddrContext, hook: u8) -> i32 
             aya_log_ebpf::warn!(ctx, "socket-owner table full: datagram from segment {} refused", src);
         }
     }
+    let key = FlowKey { src, dst, dst_addr: daddr, dst_port: dport, proto, verdict: v.verdict };
+    if v.verdict == VERDICT_DENY {
+        // A denied attempt never sends a packet; count it as one, of no bytes.
+        add(&key, ORIG, 1, 0);
+    } else {
+        remember_socket_flow(cookie, &key);
+    }
     finish(&flow, v)
+}
+
+/// What the packet hooks need to count this socket's packets under the
+/// flow just authorized (for unconnected UDP: its latest destination).
+#[inline(always)]
+fn remember_socket_flow(cookie: u64, key: &FlowKey) {
+    if let Some(current) = SOCK_FLOWS.get_ptr_mut(&cookie) {
+        if unsafe { *current } != *key {
+            unsafe { *current = *key };
+        }
+        return;
+    }
+    let _ = SOCK_FLOWS.insert(&cookie, key, 0);
 }
 
 #[inline(always)]

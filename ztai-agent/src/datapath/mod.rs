@@ -6,15 +6,20 @@ use std::{collections::BTreeSet, fs::File, net::IpAddr, path::{Path, PathBuf}};
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray, RingBuf, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray, PerCpuHashMap, RingBuf, lpm_trie::Key},
     programs::{CgroupAttachMode, ProgramError},
 };
 use ztai_common::{
-    CONFIG_FLAG_LABELS_INCOMPLETE, CONFIG_FLAG_POLICY_LOADED, CgroupLabel, Config, LocalAddrKey,
+    CONFIG_FLAG_LABELS_INCOMPLETE, CONFIG_FLAG_POLICY_LOADED, CgroupLabel, Config, FlowCounters, FlowKey, LocalAddrKey, SegmentRef,
     MAX_SEGMENTS, SegmentId, SocketKey, SocketOwner, maps as m,
 };
 
 pub use addr::{ip_from_words, words_from_ip};
+
+/// A local address of one network namespace.
+pub fn local_addr_key(netns_cookie: u64, ip: IpAddr) -> LocalAddrKey {
+    LocalAddrKey { netns_cookie, addr: words_from_ip(ip) }
+}
 /// Kernel log forwarder writing into the process-wide `log` logger.
 pub type KernelLog = aya_log::EbpfLogger<&'static dyn log::Log>;
 
@@ -37,6 +42,8 @@ pub const PROGRAMS: &[&str] = &[
     "ztai_connect6",
     "ztai_sendmsg4",
     "ztai_sendmsg6",
+    "ztai_skb_ingress",
+    "ztai_skb_egress",
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -94,6 +101,7 @@ impl Datapath {
             let result = match prog {
                 aya::programs::Program::CgroupSockAddr(p) => p.load(),
                 aya::programs::Program::CgroupSock(p) => p.load(),
+                aya::programs::Program::CgroupSkb(p) => p.load(),
                 _ => return Err(DatapathError::MissingProgram(name)),
             };
             result.map_err(|source| DatapathError::ProgramLoad { name, source })?;
@@ -187,10 +195,9 @@ impl Datapath {
         Ok(())
     }
 
-    /// Makes the kernel's set of this host's addresses equal `addrs`.
-    pub fn sync_local_addrs(&mut self, netns_cookie: u64, addrs: &BTreeSet<IpAddr>) -> Result<(), DatapathError> {
-        let wanted: BTreeSet<LocalAddrKey> =
-            addrs.iter().map(|a| LocalAddrKey { netns_cookie, addr: words_from_ip(*a) }).collect();
+    /// Makes the kernel's set of local addresses (per network namespace)
+    /// equal `wanted`.
+    pub fn sync_local_addrs(&mut self, wanted: BTreeSet<LocalAddrKey>) -> Result<(), DatapathError> {
         let current = std::mem::take(&mut self.local_addrs);
         let mut map: HashMap<_, LocalAddrKey, u32> =
             HashMap::try_from(self.ebpf.map_mut(m::LOCAL_ADDRS).ok_or(DatapathError::MissingMap(m::LOCAL_ADDRS))?)
@@ -206,6 +213,11 @@ impl Datapath {
         }
         self.local_addrs = wanted;
         Ok(())
+    }
+
+    /// Live entries in the flow table (for the eviction estimate).
+    pub fn flow_count(&self) -> usize {
+        self.read_flows().map(|f| f.len()).unwrap_or(0)
     }
 
     /// Records owners of sockets bound before the programs were attached.
@@ -258,6 +270,12 @@ impl Datapath {
             let result = match prog {
                 aya::programs::Program::CgroupSockAddr(p) => p.attach(&file, CgroupAttachMode::Single).map(|_| ()),
                 aya::programs::Program::CgroupSock(p) => p.attach(&file, CgroupAttachMode::Single).map(|_| ()),
+                aya::programs::Program::CgroupSkb(p) => {
+                    let Some(attach_type) = *p.expected_attach_type() else {
+                        return Err(DatapathError::MissingProgram(name));
+                    };
+                    p.attach(&file, attach_type, CgroupAttachMode::Single).map(|_| ())
+                }
                 _ => return Err(DatapathError::MissingProgram(name)),
             };
             result.map_err(|source| DatapathError::Attach { name, path: cgroup.to_path_buf(), source })?;
@@ -274,6 +292,49 @@ impl Datapath {
     pub fn take_events(&mut self) -> Result<RingBuf<MapData>, DatapathError> {
         let map = self.ebpf.take_map(m::EVENTS).ok_or(DatapathError::MissingMap(m::EVENTS))?;
         RingBuf::try_from(map).map_err(map_err(m::EVENTS, "open"))
+    }
+
+    /// Every live flow with its counters summed over CPUs.
+    pub fn read_flows(&self) -> Result<Vec<(FlowKey, FlowCounters)>, DatapathError> {
+        let map = self.ebpf.map(m::FLOWS).ok_or(DatapathError::MissingMap(m::FLOWS))?;
+        let flows: PerCpuHashMap<_, FlowKey, FlowCounters> =
+            PerCpuHashMap::try_from(map).map_err(map_err(m::FLOWS, "open"))?;
+        let mut out = Vec::new();
+        for entry in flows.iter() {
+            // An entry evicted between the key walk and its lookup is just gone.
+            let Ok((key, per_cpu)) = entry else { continue };
+            let mut sum = FlowCounters::default();
+            for c in per_cpu.iter() {
+                sum.orig_packets += c.orig_packets;
+                sum.orig_bytes += c.orig_bytes;
+                sum.reply_packets += c.reply_packets;
+                sum.reply_bytes += c.reply_bytes;
+            }
+            out.push((key, sum));
+        }
+        Ok(out)
+    }
+
+    /// Makes the kernel's workload-address map equal `wanted` (addresses of
+    /// labeled workloads living in their own network namespaces).
+    pub fn sync_workload_addrs(&mut self, wanted: &std::collections::BTreeMap<IpAddr, SegmentId>) -> Result<(), DatapathError> {
+        let mut map: HashMap<_, [u32; 4], SegmentRef> =
+            HashMap::try_from(self.map_mut(m::WORKLOAD_ADDRS)?).map_err(map_err(m::WORKLOAD_ADDRS, "open"))?;
+        let want: std::collections::BTreeMap<[u32; 4], SegmentId> =
+            wanted.iter().map(|(ip, seg)| (words_from_ip(*ip), *seg)).collect();
+        let present: Vec<[u32; 4]> = map.keys().filter_map(Result::ok).collect();
+        for k in present.iter().filter(|k| !want.contains_key(*k)) {
+            match map.remove(k) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(map_err(m::WORKLOAD_ADDRS, "remove")(e)),
+            }
+        }
+        for (k, seg) in &want {
+            if map.get(k, 0).ok().map(|v| v.segment) != Some(*seg) {
+                map.insert(k, SegmentRef { segment: *seg }, 0).map_err(map_err(m::WORKLOAD_ADDRS, "insert"))?;
+            }
+        }
+        Ok(())
     }
 
     /// Sum over CPUs of one `COUNTER_*`.

@@ -3,3 +3,4 @@
 pub mod cgroups;
 pub mod local_addrs;
 pub mod sockets;
+pub mod workloads;

@@ -53,6 +53,8 @@ fn hook_name(hook: u8) -> &'static str {
         HOOK_SENDMSG6 => "sendmsg6",
         HOOK_POST_BIND4 => "post_bind4",
         HOOK_POST_BIND6 => "post_bind6",
+        ztai_common::HOOK_SKB_INGRESS => "skb_ingress",
+        ztai_common::HOOK_SKB_EGRESS => "skb_egress",
         _ => "unknown",
     }
 }
@@ -107,6 +109,9 @@ pub fn reason_text(ev: &ViolationEvent, names: &dyn Names) -> String {
             "the agent could not label every cgroup, so unlabeled traffic under the attach point fails closed".to_string()
         }
         REASON_NO_POLICY => "no policy is loaded yet, so everything under the attach point fails closed".to_string(),
+        ztai_common::REASON_UNPARSEABLE => format!(
+            "inbound IPv6 packet to {dst} carries extension headers ztai cannot read past, so it is dropped"
+        ),
         other => format!("denied (reason code {other})"),
     }
 }
@@ -119,6 +124,34 @@ pub fn render(ev: &ViolationEvent, names: &dyn Names) -> Value {
     };
     let direction = if ev.direction == DIRECTION_INGRESS { "ingress" } else { "egress" };
     let comm_len = ev.comm.iter().position(|b| *b == 0).unwrap_or(ev.comm.len());
+    if ev.direction == DIRECTION_INGRESS {
+        // Packet context: the sender is an address, the receiver our cgroup;
+        // no task is known (the kernel was in softirq).
+        return json!({
+            "ts": wall_time_of(ev.ts_ns),
+            "verdict": verdict,
+            "direction": direction,
+            "proto": proto_name(ev.proto),
+            "src": {
+                "segment": names.segment_name(ev.src_segment),
+                "cgroup": Value::Null,
+                "pid": Value::Null,
+                "comm": Value::Null,
+                "uid": Value::Null,
+                "addr": addr_json(ev.src_addr),
+                "port": port_json(ev.src_port),
+            },
+            "dst": {
+                "segment": names.segment_name(ev.dst_segment),
+                "cgroup": names.cgroup_path(ev.cgroup_id),
+                "cgroup_id": ev.cgroup_id,
+                "addr": addr_json(ev.dst_addr),
+                "port": port_json(ev.dst_port),
+            },
+            "reason": reason_text(ev, names),
+            "hook": hook_name(ev.hook),
+        });
+    }
     json!({
         "ts": wall_time_of(ev.ts_ns),
         "verdict": verdict,

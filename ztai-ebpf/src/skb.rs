@@ -1,0 +1,256 @@
+//! cgroup_skb ingress/egress (4.10): per-flow packet and byte counters for
+//! every socket under the attach point, and the inbound verdict for
+//! connections whose initiator is outside it (remote hosts, unlabeled local
+//! processes elsewhere), which no connect/sendmsg hook of ours ever saw.
+use aya_ebpf::{EbpfContext, helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie}, programs::SkBuffContext};
+use ztai_common::{
+    COUNTED_BY_INITIATOR, COUNTED_BY_RESPONDER, COUNTER_ALLOWED, COUNTER_AUDITED, COUNTER_DENIED,
+    COUNTER_INGRESS_DROPPED, CONFIG_FLAG_POLICY_LOADED, Conn, DIRECTION_INGRESS, FlowKey, HOOK_SKB_INGRESS,
+    PROTO_TCP, PROTO_UDP, REASON_UNPARSEABLE, SEGMENT_HOST, TupleKey, VERDICT_ALLOW, VERDICT_AUDIT,
+    VERDICT_DENY,
+};
+
+use crate::{
+    addr::{Addr, is_always_local, v4_mapped},
+    events::{Flow, count, report_without_task},
+    flows::{ORIG, REPLY, add},
+    identity::{remote_segment, skb_segment},
+    maps::{CONFIG, CONNS, LOCAL_ADDRS, SOCK_FLOWS},
+    verdict::{Verdict, decide, deny_or_audit},
+};
+
+const PASS: i32 = 1;
+const DROP: i32 = 0;
+
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const IPPROTO_ICMPV6: u8 = 58;
+
+struct Packet {
+    /// As the packet travels: saddr is its sender.
+    tuple: TupleKey,
+    bytes: u64,
+    packets: u64,
+}
+
+enum Parsed {
+    Packet(Packet),
+    /// Not TCP/UDP (ICMP and the like): nothing to count or judge here.
+    Other,
+    /// TCP/UDP we cannot read the ports of (IPv6 extension headers).
+    Unparseable,
+}
+
+#[inline(always)]
+fn load_words(ctx: &SkBuffContext, offset: usize) -> Option<Addr> {
+    let mut a = [0u32; 4];
+    let mut i = 0;
+    while i < 4 {
+        a[i] = ctx.load::<u32>(offset + i * 4).ok()?;
+        i += 1;
+    }
+    Some(a)
+}
+
+#[inline(always)]
+fn parse(ctx: &SkBuffContext) -> Parsed {
+    let skb = ctx.skb.skb;
+    let protocol = u16::from_be(unsafe { core::ptr::read_volatile(&(*skb).protocol) } as u16);
+    let (proto, saddr, daddr, l4) = if protocol == ETH_P_IP {
+        let Ok(vihl) = ctx.load::<u8>(0) else { return Parsed::Unparseable };
+        let Ok(proto) = ctx.load::<u8>(9) else { return Parsed::Unparseable };
+        let (Ok(s), Ok(d)) = (ctx.load::<u32>(12), ctx.load::<u32>(16)) else { return Parsed::Unparseable };
+        (proto, v4_mapped(s), v4_mapped(d), ((vihl & 0x0f) as usize) * 4)
+    } else if protocol == ETH_P_IPV6 {
+        let Ok(next) = ctx.load::<u8>(6) else { return Parsed::Unparseable };
+        if next != PROTO_TCP && next != PROTO_UDP {
+            // ICMPv6 is ICMP; any other next header may hide TCP/UDP behind
+            // extension headers, which we do not walk.
+            return if next == IPPROTO_ICMPV6 { Parsed::Other } else { Parsed::Unparseable };
+        }
+        let (Some(s), Some(d)) = (load_words(ctx, 8), load_words(ctx, 24)) else { return Parsed::Unparseable };
+        (next, s, d, 40)
+    } else {
+        return Parsed::Other;
+    };
+    if proto != PROTO_TCP && proto != PROTO_UDP {
+        return Parsed::Other;
+    }
+    let (Ok(sport), Ok(dport)) = (ctx.load::<u16>(l4), ctx.load::<u16>(l4 + 2)) else {
+        return Parsed::Unparseable;
+    };
+    // A GSO packet stands for several on the wire.
+    let segs = unsafe { core::ptr::read_volatile(&(*skb).gso_segs) };
+    Parsed::Packet(Packet {
+        tuple: TupleKey {
+            saddr,
+            daddr,
+            sport: u16::from_be(sport),
+            dport: u16::from_be(dport),
+            proto,
+            _pad: [0; 3],
+        },
+        bytes: ctx.len() as u64,
+        packets: if segs > 1 { segs as u64 } else { 1 },
+    })
+}
+
+#[inline(always)]
+fn reversed(t: &TupleKey) -> TupleKey {
+    TupleKey { saddr: t.daddr, daddr: t.saddr, sport: t.dport, dport: t.sport, proto: t.proto, _pad: [0; 3] }
+}
+
+/// Counts a packet of a known connection; false if the connection is unknown.
+#[inline(always)]
+fn count_known(p: &Packet, here: u8) -> bool {
+    if let Some(c) = unsafe { CONNS.get(&p.tuple) } {
+        // Travelling initiator → responder.
+        if c.counted_by == here {
+            add(&c.flow, ORIG, p.packets, p.bytes);
+        }
+        return true;
+    }
+    if let Some(c) = unsafe { CONNS.get(&reversed(&p.tuple)) } {
+        if c.counted_by == here {
+            add(&c.flow, REPLY, p.packets, p.bytes);
+        }
+        return true;
+    }
+    false
+}
+
+/// The flow connect/sendmsg authorized for this socket, if this packet
+/// belongs to it (its destination is `peer`).
+#[inline(always)]
+fn authorized_flow(ctx: &SkBuffContext, peer: &Addr, peer_port: u16) -> Option<FlowKey> {
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let f = unsafe { SOCK_FLOWS.get(&cookie) }?;
+    (f.dst_addr == *peer && f.dst_port == peer_port).then_some(*f)
+}
+
+/// Packets leaving a socket under the attach point. Verdicts for egress were
+/// made at connect/sendmsg; this only counts, on the initiator's side.
+pub fn egress(ctx: &SkBuffContext) -> i32 {
+    let Parsed::Packet(p) = parse(ctx) else { return PASS };
+    if count_known(&p, COUNTED_BY_INITIATOR) {
+        return PASS;
+    }
+    // First packet of a connection this socket initiated.
+    if let Some(flow) = authorized_flow(ctx, &p.tuple.daddr, p.tuple.dport) {
+        let conn = Conn { flow, counted_by: COUNTED_BY_INITIATOR, _pad: [0; 3] };
+        let _ = CONNS.insert(&p.tuple, &conn, 0);
+        add(&flow, ORIG, p.packets, p.bytes);
+    }
+    // Otherwise: a socket older than the agent, or a reply whose connection
+    // entry was evicted. Not counted rather than guessed.
+    PASS
+}
+
+/// Segment of a packet's sender seen from the receiver: local addresses are
+/// processes outside the attach point (those inside made a connection entry
+/// at their egress), i.e. `host`; remote ones by address.
+#[inline(always)]
+fn sender_segment(ctx: &SkBuffContext, generation: u8, saddr: &Addr) -> u32 {
+    if is_always_local(saddr) {
+        return SEGMENT_HOST;
+    }
+    let key = ztai_common::LocalAddrKey { netns_cookie: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) }, addr: *saddr };
+    if unsafe { LOCAL_ADDRS.get(&key) }.is_some() {
+        return SEGMENT_HOST;
+    }
+    remote_segment(generation, saddr)
+}
+
+/// Packets arriving at a socket under the attach point.
+pub fn ingress(ctx: &SkBuffContext) -> i32 {
+    let p = match parse(ctx) {
+        Parsed::Packet(p) => p,
+        Parsed::Other => return PASS,
+        Parsed::Unparseable => return judge_unparseable(ctx),
+    };
+    if count_known(&p, COUNTED_BY_RESPONDER) {
+        return PASS;
+    }
+    // A reply to a connection of ours whose entry was evicted: restore it.
+    if let Some(flow) = authorized_flow(ctx, &p.tuple.saddr, p.tuple.sport) {
+        let conn = Conn { flow, counted_by: COUNTED_BY_INITIATOR, _pad: [0; 3] };
+        let _ = CONNS.insert(&reversed(&p.tuple), &conn, 0);
+        add(&flow, REPLY, p.packets, p.bytes);
+        return PASS;
+    }
+
+    // A connection from outside the attach point: judge it here.
+    let (generation, loaded) = match CONFIG.get(0) {
+        Some(c) => (c.active_gen as u8, c.flags & CONFIG_FLAG_POLICY_LOADED != 0),
+        None => (0, false),
+    };
+    let (dst, cgroup_id) = skb_segment(ctx);
+    let src = sender_segment(ctx, generation, &p.tuple.saddr);
+    let v = if loaded {
+        decide(generation, src, dst, p.tuple.proto, p.tuple.dport)
+    } else {
+        Verdict { verdict: VERDICT_DENY, reason: ztai_common::REASON_NO_POLICY }
+    };
+    let flow = FlowKey {
+        src,
+        dst,
+        dst_addr: p.tuple.daddr,
+        dst_port: p.tuple.dport,
+        proto: p.tuple.proto,
+        verdict: v.verdict,
+    };
+    add(&flow, ORIG, p.packets, p.bytes);
+    if v.verdict == VERDICT_ALLOW {
+        count(COUNTER_ALLOWED);
+    } else {
+        report_ingress(&p, src, dst, cgroup_id, v.verdict, v.reason);
+        if v.verdict == VERDICT_DENY {
+            count(COUNTER_DENIED);
+            count(COUNTER_INGRESS_DROPPED);
+            // Dropping the SYN means the handshake never completes.
+            return DROP;
+        }
+        count(COUNTER_AUDITED);
+    }
+    let conn = Conn { flow, counted_by: COUNTED_BY_RESPONDER, _pad: [0; 3] };
+    let _ = CONNS.insert(&p.tuple, &conn, 0);
+    PASS
+}
+
+#[inline(always)]
+fn report_ingress(p: &Packet, src: u32, dst: u32, cgroup_id: u64, verdict: u8, reason: u8) {
+    let flow = Flow {
+        cgroup_id,
+        sock_cookie: 0,
+        src_segment: src,
+        dst_segment: dst,
+        src_addr: p.tuple.saddr,
+        dst_addr: p.tuple.daddr,
+        src_port: p.tuple.sport,
+        dst_port: p.tuple.dport,
+        proto: p.tuple.proto,
+        direction: DIRECTION_INGRESS,
+        hook: HOOK_SKB_INGRESS,
+    };
+    report_without_task(&flow, verdict, reason);
+}
+
+/// TCP/UDP we cannot read: a labeled receiver drops it (fail closed).
+#[inline(always)]
+fn judge_unparseable(ctx: &SkBuffContext) -> i32 {
+    let (dst, cgroup_id) = skb_segment(ctx);
+    if dst == SEGMENT_HOST {
+        return PASS;
+    }
+    let generation = CONFIG.get(0).map(|c| c.active_gen as u8).unwrap_or(0);
+    let v = deny_or_audit(generation, SEGMENT_HOST, dst, REASON_UNPARSEABLE);
+    let p = Packet { tuple: TupleKey::default(), bytes: ctx.len() as u64, packets: 1 };
+    report_ingress(&p, ztai_common::SEGMENT_WORLD, dst, cgroup_id, v.verdict, v.reason);
+    if v.verdict == VERDICT_AUDIT {
+        count(COUNTER_AUDITED);
+        return PASS;
+    }
+    count(COUNTER_DENIED);
+    count(COUNTER_INGRESS_DROPPED);
+    DROP
+}
