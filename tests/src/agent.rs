@@ -5,16 +5,22 @@
 //! * stderr: diagnostic log lines, one JSON object per line; when every program is attached and
 //!   enforcement is live it logs a line with `"msg":"ready"`.
 //! * SIGTERM: detaches its programs and exits (status 0).
+//! * `--metrics-addr 127.0.0.1:0`: serves /metrics, /healthz, /readyz; the "ready" line names
+//!   the bound `metrics_addr`.
+//! * `--control-socket PATH`: a root-only Unix socket that `ztai-agent flows --socket PATH`
+//!   reads. Each agent gets its own PATH in a private temp dir (parallel tests never share the
+//!   default /run/ztai/agent.sock).
 
 use std::cell::Cell;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use serde_json::Value;
 
 use crate::lines::{LineLog, WaitEnd};
-use crate::util::{kill_and_reap, signal, wait_child};
+use crate::util::{TempDir, kill_and_reap, signal, wait_child};
 use crate::{Cgroup, DEFAULT_TIMEOUT, Policy, PolicyFile, READY_TIMEOUT, cgroup2_mount};
 
 /// How long the agent gets to exit after SIGTERM before SIGKILL.
@@ -41,6 +47,80 @@ pub fn agent_bin() -> PathBuf {
     );
 }
 
+/// Whether `ztai-agent run` accepts `--control-socket` (read once from `run --help`).
+///
+/// Until the agent grows the flag, agents are started without it (and the flows scenarios fail
+/// saying so); once it exists every agent gets its own socket.
+pub fn agent_supports_control_socket() -> bool {
+    static SUPPORTED: OnceLock<bool> = OnceLock::new();
+    *SUPPORTED.get_or_init(|| {
+        let out = run_agent_cli(&["run", "--help"], DEFAULT_TIMEOUT);
+        out.stdout.contains("--control-socket")
+    })
+}
+
+/// What a one-shot `ztai-agent <args>` command did.
+#[derive(Debug, Clone)]
+pub struct CliOutput {
+    pub args: Vec<String>,
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl std::fmt::Display for CliOutput {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "`ztai-agent {}` exited with {}
+--- stdout ---
+{}
+--- stderr ---
+{}",
+            self.args.join(" "),
+            self.status,
+            self.stdout,
+            self.stderr
+        )
+    }
+}
+
+/// Runs `ztai-agent ARGS` to completion (killed and reaped after `timeout`, then panics).
+#[track_caller]
+pub fn run_agent_cli(args: &[&str], timeout: Duration) -> CliOutput {
+    let bin = agent_bin();
+    let mut child = Command::new(&bin)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {} {}: {e}", bin.display(), args.join(" ")));
+    let stdout = LineLog::capture(child.stdout.take().expect("piped stdout"));
+    let stderr = LineLog::capture(child.stderr.take().expect("piped stderr"));
+    let Some(status) = wait_child(&mut child, timeout) else {
+        kill_and_reap(&mut child);
+        panic!(
+            "`ztai-agent {}` did not exit within {timeout:?}
+stdout:
+{}
+stderr:
+{}",
+            args.join(" "),
+            stdout.tail(40),
+            stderr.tail(40)
+        );
+    };
+    stdout.wait_closed(Duration::from_secs(2));
+    stderr.wait_closed(Duration::from_secs(2));
+    CliOutput {
+        args: args.iter().map(|a| a.to_string()).collect(),
+        status,
+        stdout: stdout.snapshot().join("\n"),
+        stderr: stderr.snapshot().join("\n"),
+    }
+}
+
 /// A running agent. On drop: SIGTERM, wait (deadline), then SIGKILL; always reaped.
 pub struct Agent {
     child: Child,
@@ -49,6 +129,9 @@ pub struct Agent {
     stderr: LineLog,
     policy: PolicyFile,
     cgroup_root: PathBuf,
+    /// Private directory of the control socket (removed on drop, after the agent exits).
+    control_dir: TempDir,
+    control_socket: PathBuf,
     status: Option<ExitStatus>,
     /// Set once [`Agent::diagnostics`] went into a message, so drop does not print it again.
     diagnostics_shown: Cell<bool>,
@@ -80,8 +163,15 @@ impl Agent {
         );
         let bin = agent_bin();
         let policy = PolicyFile::write(yaml);
-        let mut child = Command::new(&bin)
-            .arg("run")
+        let control_dir = TempDir::new("control");
+        let control_socket = control_dir.path().join("agent.sock");
+        let mut cmd = Command::new(&bin);
+        if agent_supports_control_socket() {
+            cmd.arg("run").arg("--control-socket").arg(&control_socket);
+        } else {
+            cmd.arg("run");
+        }
+        let mut child = cmd
             .arg("--policy")
             .arg(policy.path())
             .arg("--cgroup-root")
@@ -104,6 +194,8 @@ impl Agent {
             stderr,
             policy,
             cgroup_root,
+            control_dir,
+            control_socket,
             status: None,
             diagnostics_shown: Cell::new(false),
         }
@@ -120,6 +212,50 @@ impl Agent {
 
     pub fn pid(&self) -> u32 {
         self.pid
+    }
+
+    /// The agent's `--control-socket` path (in its own temp dir).
+    pub fn control_socket(&self) -> &Path {
+        debug_assert!(self.control_socket.starts_with(self.control_dir.path()));
+        &self.control_socket
+    }
+
+    /// Panics unless this agent was started with `--control-socket` (the binary supports it).
+    #[track_caller]
+    pub fn require_control_socket(&self) {
+        assert!(
+            agent_supports_control_socket(),
+            "`ztai-agent run` has no --control-socket flag (checked `ztai-agent run --help`): the \
+             flows view is not wired yet. Contract: `ztai-agent run ... --control-socket PATH` \
+             serves a root-only Unix socket; `ztai-agent flows --socket PATH --json|--once` reads it."
+        );
+    }
+
+    /// Runs `ztai-agent flows --socket <this agent's socket> ARGS` to completion.
+    #[track_caller]
+    pub fn flows_cli(&self, args: &[&str]) -> CliOutput {
+        self.require_control_socket();
+        let sock = self.control_socket.to_str().expect("utf-8 temp path");
+        let mut full = vec!["flows", "--socket", sock];
+        full.extend_from_slice(args);
+        run_agent_cli(&full, DEFAULT_TIMEOUT)
+    }
+
+    /// `ztai-agent flows --json` parsed; panics (with the agent's diagnostics) when the command
+    /// fails or prints anything but one JSON document.
+    #[track_caller]
+    pub fn flows_json(&self) -> Value {
+        let out = self.flows_cli(&["--json"]);
+        assert!(out.status.success(), "{out}
+{}", self.diagnostics());
+        serde_json::from_str(out.stdout.trim()).unwrap_or_else(|e| {
+            panic!(
+                "`flows --json` printed no single JSON document ({e})
+{out}
+{}",
+                self.diagnostics()
+            )
+        })
     }
 
     pub fn policy_yaml(&self) -> &str {

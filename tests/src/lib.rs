@@ -11,6 +11,8 @@
 //!   fd5a:7a1e::/48.
 //! * [`Probe`] — the `ztai-probe` client/server, optionally started inside a cgroup and/or a
 //!   netns; killed and reaped on drop.
+//! * [`PodNetwork`] / [`Pod`] — pod-style namespaces joined by a bridge in a separate "switch"
+//!   namespace (nothing in the host namespace).
 //! * [`Agent`] — `ztai-agent run --policy FILE --cgroup-root DIR`; SIGTERM (then SIGKILL) on drop.
 //!
 //! Nothing here sleeps for a fixed time: every wait polls a condition against a deadline and
@@ -24,16 +26,19 @@ pub mod bpf;
 pub mod cgroup;
 pub mod expect;
 pub mod lines;
+pub mod metrics;
 pub mod netns;
+pub mod pods;
 pub mod policy;
 pub mod probe;
 pub mod time;
 mod util;
 
-pub use agent::Agent;
+pub use agent::{Agent, CliOutput, agent_supports_control_socket, run_agent_cli};
 pub use cgroup::{Cgroup, TestCgroup, cgroup2_mount};
 pub use expect::{Denial, Target, assert_denial, loopback_targets};
 pub use netns::{Netns, RemoteHost, Veth};
+pub use pods::{Pod, PodNetwork};
 pub use policy::{Policy, PolicyFile};
 pub use probe::{Probe, ProbeCmd, ProbeOutcome, probe_bin};
 pub use util::{TempDir, try_wait_until, unique_n, wait_until};

@@ -25,7 +25,7 @@ use std::time::Duration;
 use crate::cgroup::stale_owner_pid;
 use crate::util::{pid_alive, try_wait_until, unique_n, wait_until};
 
-const SETUP_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const SETUP_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Runs `ip ARGS`, returning its output.
 fn ip_raw(args: &[&str]) -> Output {
@@ -204,13 +204,13 @@ impl Drop for Veth {
 
 /// A host-wide lock on one address/interface slot, released on drop (or when the process dies).
 #[derive(Debug)]
-struct SlotLock {
-    k: u32,
+pub(crate) struct SlotLock {
+    pub(crate) k: u32,
     _file: File,
 }
 
 impl SlotLock {
-    fn acquire() -> SlotLock {
+    pub(crate) fn acquire() -> SlotLock {
         let dir = std::env::temp_dir().join("ztai-tests-slots");
         std::fs::create_dir_all(&dir)
             .unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));

@@ -22,6 +22,7 @@ pub mod exit {
     pub const ECONNREFUSED: i32 = 4;
     pub const OTHER: i32 = 5;
     pub const NO_REPLY: i32 = 6;
+    pub const TIMEOUT: i32 = 7;
 }
 
 /// Path of the `ztai-probe` binary: `$ZTAI_PROBE_BIN`, else `<dir of the test exe>/../ztai-probe`
@@ -99,6 +100,24 @@ impl ProbeCmd {
     /// UDP: wait (up to 5 s) for the echo; exit 6 when none comes.
     pub fn expect_reply(self) -> ProbeCmd {
         self.arg("--expect-reply")
+    }
+
+    /// Client I/O deadline (connect, reads, UDP replies) instead of the default 5 s. A TCP
+    /// handshake that does not complete in time exits 7 (`err ETIMEDOUT ...`).
+    pub fn timeout_ms(self, ms: u64) -> ProbeCmd {
+        self.arg("--timeout-ms").arg(ms.to_string())
+    }
+
+    /// UDP: send `n` datagrams from one socket (each waiting for its echo with
+    /// [`ProbeCmd::expect_reply`]).
+    pub fn count(self, n: u32) -> ProbeCmd {
+        self.arg("--count").arg(n.to_string())
+    }
+
+    /// TCP: upload `k` bytes (after a short header line) instead of the echo round trip; the
+    /// probe prints `sent <header + k> bytes` and exits 0 once the server acknowledged them all.
+    pub fn send_bytes(self, k: u64) -> ProbeCmd {
+        self.arg("--send-bytes").arg(k.to_string())
     }
 
     /// Bind the client socket to `addr` first (port 0 allowed); the probe prints `bound <addr>`.
@@ -333,6 +352,21 @@ impl ProbeOutcome {
         self.code == Some(exit::OK) && self.status() == "ok"
     }
 
+    /// The TCP handshake (or a read) did not complete within the probe's deadline.
+    pub fn is_timeout(&self) -> bool {
+        self.code == Some(exit::TIMEOUT) && self.status().starts_with("err ETIMEDOUT")
+    }
+
+    /// Bytes a `--send-bytes` upload wrote on the connection (header line included).
+    pub fn sent_bytes(&self) -> Option<u64> {
+        self.stdout.iter().find_map(|l| {
+            l.strip_prefix("sent ")?
+                .strip_suffix(" bytes")?
+                .parse()
+                .ok()
+        })
+    }
+
     pub fn is_eperm(&self) -> bool {
         self.code == Some(exit::EPERM) && self.status().starts_with("err EPERM")
     }
@@ -348,6 +382,17 @@ impl ProbeOutcome {
         assert!(
             self.is_eperm(),
             "expected EPERM (exit 3, `err EPERM ...`), got: {self}"
+        );
+        self
+    }
+
+    /// Asserts the client timed out (exit 7, `err ETIMEDOUT ...`): its packets were silently
+    /// dropped — not refused (ECONNREFUSED) and not rejected locally (EPERM).
+    #[track_caller]
+    pub fn assert_timeout(&self) -> &Self {
+        assert!(
+            self.is_timeout(),
+            "expected a timeout (exit 7, `err ETIMEDOUT ...`: the handshake never completed), got: {self}"
         );
         self
     }

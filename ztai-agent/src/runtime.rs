@@ -18,6 +18,7 @@ use crate::{
     flows::{Snapshot, Totals, records},
     metrics::{self, MetricsError, MetricsState},
     discovery::{
+        cgroup_watch::CgroupWatcher,
         cgroups::{self, CgroupError, CgroupRoot, LabeledCgroup},
         local_addrs::{self, AddressEvents},
         sockets, workloads,
@@ -247,6 +248,8 @@ pub async fn run(config: RunConfig) -> Result<(), RuntimeError> {
         Some(l) => Some(register(l, "cannot register the kernel log")?),
         None => None,
     };
+    let watcher = CgroupWatcher::new(&cgroup_root.path).map_err(io_err("cannot watch cgroups (inotify)"))?;
+    let mut watcher = register(watcher, "cannot register the cgroup watcher")?;
     let events = datapath.take_events()?;
     let mut events = register(events, "cannot register the event ring buffer")?;
 
@@ -313,6 +316,20 @@ pub async fn run(config: RunConfig) -> Result<(), RuntimeError> {
                 let mut guard = guard.map_err(io_err("kernel log poll failed"))?;
                 guard.get_inner_mut().flush();
                 guard.clear_ready();
+            }
+            guard = watcher.readable_mut() => {
+                let mut guard = guard.map_err(io_err("cgroup watcher poll failed"))?;
+                let changed = guard.get_inner_mut().drain(&cgroup_root.path);
+                guard.clear_ready();
+                if changed {
+                    match cgroups::scan(&cgroup_root, &policy) {
+                        Ok(scanned) => {
+                            labels.apply(&mut datapath, &policy, &scanned)?;
+                            names = names_for(&policy, &scanned);
+                        }
+                        Err(e) => error!(error = format!("{e:#}"); "cgroup rescan failed"),
+                    }
+                }
             }
             _ = rescan.tick() => {
                 match cgroups::scan(&cgroup_root, &policy) {

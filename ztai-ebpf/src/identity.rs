@@ -27,44 +27,40 @@ use crate::{
 #[inline(always)]
 pub fn current_segment() -> (SegmentId, u64) {
     let cgroup = unsafe { bpf_get_current_cgroup_id() };
+    let segment = nearest_label(cgroup, |level| unsafe { bpf_get_current_ancestor_cgroup_id(level) });
+    (segment, cgroup)
+}
+
+/// The label of `cgroup`, else of its nearest labeled ancestor, else `host`.
+/// `ancestor(level)` is the cgroup's ancestor at `level` (0 = root), or 0
+/// past the cgroup's own depth.
+#[inline(always)]
+fn nearest_label(cgroup: u64, ancestor: impl Fn(i32) -> u64) -> SegmentId {
     if let Some(label) = unsafe { CGROUP_LABELS.get(&cgroup) } {
-        return (label.segment, cgroup);
+        return label.segment;
     }
     let mut segment = SEGMENT_HOST;
     let mut level = 0;
     while level < CGROUP_MAX_DEPTH {
-        let ancestor = unsafe { bpf_get_current_ancestor_cgroup_id(level as i32) };
-        if ancestor == 0 || ancestor == cgroup {
+        let id = ancestor(level as i32);
+        if id == 0 || id == cgroup {
             break;
         }
-        if let Some(label) = unsafe { CGROUP_LABELS.get(&ancestor) } {
+        if let Some(label) = unsafe { CGROUP_LABELS.get(&id) } {
             segment = label.segment;
         }
         level += 1;
     }
-    (segment, cgroup)
+    segment
 }
 
 /// Segment of the cgroup owning a packet's socket (cgroup_skb programs, where
 /// "current" is whatever task the softirq interrupted).
 #[inline(always)]
 pub fn skb_segment<C: EbpfContext>(ctx: &C) -> (SegmentId, u64) {
-    let cgroup = unsafe { bpf_skb_cgroup_id(ctx.as_ptr() as *mut _) };
-    if let Some(label) = unsafe { CGROUP_LABELS.get(&cgroup) } {
-        return (label.segment, cgroup);
-    }
-    let mut segment = SEGMENT_HOST;
-    let mut level = 0;
-    while level < CGROUP_MAX_DEPTH {
-        let ancestor = unsafe { bpf_skb_ancestor_cgroup_id(ctx.as_ptr() as *mut _, level as i32) };
-        if ancestor == 0 || ancestor == cgroup {
-            break;
-        }
-        if let Some(label) = unsafe { CGROUP_LABELS.get(&ancestor) } {
-            segment = label.segment;
-        }
-        level += 1;
-    }
+    let skb = ctx.as_ptr() as *mut _;
+    let cgroup = unsafe { bpf_skb_cgroup_id(skb) };
+    let segment = nearest_label(cgroup, |level| unsafe { bpf_skb_ancestor_cgroup_id(skb, level) });
     (segment, cgroup)
 }
 

@@ -2,10 +2,16 @@
 //!
 //! ```text
 //! ztai-probe tcp-listen  ADDR:PORT                  # prints "listening <addr>", echoes one line per connection
-//! ztai-probe tcp-connect ADDR:PORT [--bind A:P]     # connect + one echo round trip
+//! ztai-probe tcp-connect ADDR:PORT [--bind A:P] [--send-bytes K] [--timeout-ms MS]
+//!                                                   # connect + one echo round trip (or a bulk upload)
 //! ztai-probe udp-echo    ADDR:PORT                  # prints "listening <addr>", sendto()s each datagram back
-//! ztai-probe udp-send    ADDR:PORT [--connect] [--expect-reply] [--bind A:P]
+//! ztai-probe udp-send    ADDR:PORT [--connect] [--expect-reply] [--bind A:P] [--count N] [--timeout-ms MS]
 //! ```
+//!
+//! `--timeout-ms` is the client's I/O deadline (connect, reads, UDP replies; default 5000).
+//! `--send-bytes K` uploads K bytes after a `ztai-probe bulk K` header line; the server reads
+//! exactly K bytes and answers `received K`. `--count N` sends N datagrams from one socket (each
+//! waiting for its echo with `--expect-reply`).
 //!
 //! Clients print one final status line: `ok`, or `err <ERRNO_NAME> <message>`; with `--bind`
 //! they first print `bound <local addr>`. Servers print `listening <local addr>` (port 0 is
@@ -13,7 +19,8 @@
 //! IPv6 sockets are dual-stack (IPV6_V6ONLY=0), so `[::]:p` servers accept v4-mapped clients
 //! and `[::ffff:127.0.0.1]:p` is reached over an AF_INET6 socket.
 //!
-//! Exit codes: 0 ok, 2 usage, 3 EPERM, 4 ECONNREFUSED, 5 other error, 6 no UDP reply in time.
+//! Exit codes: 0 ok, 2 usage, 3 EPERM, 4 ECONNREFUSED, 5 other error, 6 no UDP reply in time,
+//! 7 TCP timeout (the handshake or a read did not complete within the deadline).
 
 use std::io::{self, BufRead, BufReader, Write};
 use std::mem::{size_of, size_of_val, zeroed};
@@ -28,9 +35,13 @@ const EXIT_EPERM: i32 = 3;
 const EXIT_REFUSED: i32 = 4;
 const EXIT_OTHER: i32 = 5;
 const EXIT_NO_REPLY: i32 = 6;
+const EXIT_TIMEOUT: i32 = 7;
 
-/// Client I/O deadline (connect, echo read, UDP reply).
+/// Default client I/O deadline (connect, echo read, UDP reply); `--timeout-ms` overrides it.
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// First line of a bulk upload: `ztai-probe bulk <K>`.
+const BULK_PREFIX: &str = "ztai-probe bulk ";
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -57,16 +68,42 @@ fn main() {
 fn usage(msg: &str) -> ! {
     eprintln!(
         "ztai-probe: {msg}\nusage: ztai-probe tcp-listen|tcp-connect|udp-echo|udp-send ADDR:PORT \
-         [--connect] [--expect-reply] [--bind ADDR:PORT]"
+         [--connect] [--expect-reply] [--bind ADDR:PORT] [--timeout-ms MS] [--count N] [--send-bytes K]"
     );
     exit(EXIT_USAGE)
 }
 
-#[derive(Default)]
 struct Opts {
     connect: bool,
     expect_reply: bool,
     bind: Option<SocketAddr>,
+    timeout: Duration,
+    count: u32,
+    send_bytes: Option<u64>,
+}
+
+impl Default for Opts {
+    fn default() -> Opts {
+        Opts {
+            connect: false,
+            expect_reply: false,
+            bind: None,
+            timeout: IO_TIMEOUT,
+            count: 1,
+            send_bytes: None,
+        }
+    }
+}
+
+fn number<T: std::str::FromStr>(it: &mut std::slice::Iter<'_, String>, flag: &str) -> T
+where
+    T::Err: std::fmt::Display,
+{
+    let v = it
+        .next()
+        .unwrap_or_else(|| usage(&format!("{flag} needs a number")));
+    v.parse()
+        .unwrap_or_else(|e| usage(&format!("bad {flag} {v:?}: {e}")))
 }
 
 impl Opts {
@@ -84,6 +121,20 @@ impl Opts {
                             .unwrap_or_else(|e| usage(&format!("bad --bind {a:?}: {e}"))),
                     );
                 }
+                "--timeout-ms" => {
+                    let ms: u64 = number(&mut it, "--timeout-ms");
+                    if ms == 0 {
+                        usage("--timeout-ms must be more than 0");
+                    }
+                    o.timeout = Duration::from_millis(ms);
+                }
+                "--count" => {
+                    o.count = number(&mut it, "--count");
+                    if o.count == 0 {
+                        usage("--count must be more than 0");
+                    }
+                }
+                "--send-bytes" => o.send_bytes = Some(number(&mut it, "--send-bytes")),
                 other => usage(&format!("unknown option {other:?}")),
             }
         }
@@ -129,10 +180,13 @@ fn fail(context: &str, e: &io::Error) -> i32 {
     let (name, code) = match e.raw_os_error() {
         Some(libc::EPERM) => ("EPERM", EXIT_EPERM),
         Some(libc::ECONNREFUSED) => ("ECONNREFUSED", EXIT_REFUSED),
-        // A blocking connect() that hits SO_SNDTIMEO returns EINPROGRESS.
-        Some(libc::EINPROGRESS) | Some(libc::EAGAIN) => ("ETIMEDOUT", EXIT_OTHER),
+        // A blocking connect() that hits SO_SNDTIMEO returns EINPROGRESS; a read that hits
+        // SO_RCVTIMEO returns EAGAIN.
+        Some(libc::EINPROGRESS) | Some(libc::EAGAIN) | Some(libc::ETIMEDOUT) => {
+            ("ETIMEDOUT", EXIT_TIMEOUT)
+        }
         Some(n) => (errno_name(n), EXIT_OTHER),
-        None if e.kind() == io::ErrorKind::TimedOut => ("ETIMEDOUT", EXIT_OTHER),
+        None if e.kind() == io::ErrorKind::TimedOut => ("ETIMEDOUT", EXIT_TIMEOUT),
         None => ("EOTHER", EXIT_OTHER),
     };
     say(&format!("err {name} {context}: {e}"));
@@ -321,12 +375,26 @@ fn tcp_listen(addr: SocketAddr) -> i32 {
     }
 }
 
+/// Echoes the first line back; after a `ztai-probe bulk K` line, reads exactly K bytes instead
+/// and answers `received K`.
 fn echo_one_line(stream: TcpStream) {
     let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
     let mut reader = BufReader::new(&stream);
     let mut line = String::new();
-    if reader.read_line(&mut line).is_ok() {
-        let _ = (&stream).write_all(line.as_bytes());
+    if reader.read_line(&mut line).is_err() {
+        return;
+    }
+    let bulk = line
+        .strip_prefix(BULK_PREFIX)
+        .and_then(|n| n.trim_end().parse::<u64>().ok());
+    match bulk {
+        None => {
+            let _ = (&stream).write_all(line.as_bytes());
+        }
+        Some(want) => {
+            let got = io::copy(&mut io::Read::take(&mut reader, want), &mut io::sink()).unwrap_or(0);
+            let _ = (&stream).write_all(format!("received {got}\n").as_bytes());
+        }
     }
 }
 
@@ -345,8 +413,8 @@ fn tcp_connect(addr: SocketAddr, opts: &Opts) -> i32 {
         }
     }
     // A blocking connect honours SO_SNDTIMEO; a cgroup connect hook's EPERM is immediate.
-    if let Err(e) = set_timeout(fd.as_raw_fd(), libc::SO_SNDTIMEO, IO_TIMEOUT)
-        .and_then(|()| set_timeout(fd.as_raw_fd(), libc::SO_RCVTIMEO, IO_TIMEOUT))
+    if let Err(e) = set_timeout(fd.as_raw_fd(), libc::SO_SNDTIMEO, opts.timeout)
+        .and_then(|()| set_timeout(fd.as_raw_fd(), libc::SO_RCVTIMEO, opts.timeout))
     {
         return fail("setsockopt timeout", &e);
     }
@@ -354,6 +422,9 @@ fn tcp_connect(addr: SocketAddr, opts: &Opts) -> i32 {
         return fail(&format!("connect {addr}"), &e);
     }
     let stream = TcpStream::from(fd);
+    if let Some(k) = opts.send_bytes {
+        return tcp_bulk(&stream, k);
+    }
     let msg = format!("ztai-probe ping {}\n", std::process::id());
     if let Err(e) = (&stream).write_all(msg.as_bytes()) {
         return fail("send", &e);
@@ -368,6 +439,36 @@ fn tcp_connect(addr: SocketAddr, opts: &Opts) -> i32 {
         ));
         return EXIT_OTHER;
     }
+    say("ok");
+    EXIT_OK
+}
+
+/// Uploads `k` bytes after the bulk header and waits for the server's `received k`.
+fn tcp_bulk(stream: &TcpStream, k: u64) -> i32 {
+    let header = format!("{BULK_PREFIX}{k}\n");
+    if let Err(e) = (&*stream).write_all(header.as_bytes()) {
+        return fail("send bulk header", &e);
+    }
+    let chunk = [b'z'; 64 * 1024];
+    let mut left = k;
+    while left > 0 {
+        let n = left.min(chunk.len() as u64) as usize;
+        if let Err(e) = (&*stream).write_all(&chunk[..n]) {
+            return fail("send bulk", &e);
+        }
+        left -= n as u64;
+    }
+    let mut reply = String::new();
+    if let Err(e) = BufReader::new(stream).read_line(&mut reply) {
+        return fail("recv bulk ack", &e);
+    }
+    if reply.trim_end() != format!("received {k}") {
+        say(&format!(
+            "err EBADMSG bulk ack mismatch: sent {k} bytes, got {reply:?}"
+        ));
+        return EXIT_OTHER;
+    }
+    say(&format!("sent {} bytes", header.len() as u64 + k));
     say("ok");
     EXIT_OK
 }
@@ -538,6 +639,57 @@ fn send_from(
     }
 }
 
+/// Datagram `i` of `--count`: send, and with `--expect-reply` wait for its echo.
+fn udp_one(sock: &UdpSocket, addr: SocketAddr, opts: &Opts, i: u32) -> i32 {
+    let of = if opts.count > 1 {
+        format!(" (datagram {i} of {})", opts.count)
+    } else {
+        String::new()
+    };
+    let payload = format!("ztai-probe datagram {} {i}", std::process::id());
+    let sent = if opts.connect {
+        sock.send(payload.as_bytes())
+    } else {
+        sock.send_to(payload.as_bytes(), addr)
+    };
+    if let Err(e) = sent {
+        let what = if opts.connect { "send" } else { "sendto" };
+        return fail(&format!("{what} {addr}{of}"), &e);
+    }
+    if opts.expect_reply {
+        let mut buf = [0u8; 2048];
+        let got = if opts.connect {
+            sock.recv(&mut buf).map(|n| (n, addr))
+        } else {
+            sock.recv_from(&mut buf)
+        };
+        match got {
+            Ok((n, _from)) if &buf[..n] == payload.as_bytes() => {}
+            Ok((n, from)) => {
+                say(&format!(
+                    "err EBADMSG reply mismatch from {from}{of}: {:?}",
+                    String::from_utf8_lossy(&buf[..n])
+                ));
+                return EXIT_OTHER;
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                say(&format!(
+                    "err ETIMEDOUT no reply from {addr} within {:?}{of}",
+                    opts.timeout
+                ));
+                return EXIT_NO_REPLY;
+            }
+            Err(e) => return fail(&format!("recv reply{of}"), &e),
+        }
+    }
+    EXIT_OK
+}
+
 fn udp_send(addr: SocketAddr, opts: &Opts) -> i32 {
     let fd = match new_socket(&addr, libc::SOCK_DGRAM) {
         Ok(fd) => fd,
@@ -552,50 +704,20 @@ fn udp_send(addr: SocketAddr, opts: &Opts) -> i32 {
             Err(e) => return fail("getsockname", &e),
         }
     }
-    if let Err(e) = set_timeout(fd.as_raw_fd(), libc::SO_RCVTIMEO, IO_TIMEOUT) {
+    if let Err(e) = set_timeout(fd.as_raw_fd(), libc::SO_RCVTIMEO, opts.timeout) {
         return fail("setsockopt timeout", &e);
     }
     // Without --bind the socket stays unbound: sendto()/connect() autobind it, as real clients do.
     let sock = UdpSocket::from(fd);
-    let payload = format!("ztai-probe datagram {}", std::process::id());
-    if opts.connect {
-        if let Err(e) = connect(sock.as_raw_fd(), &addr) {
-            return fail(&format!("connect {addr}"), &e);
-        }
-        if let Err(e) = sock.send(payload.as_bytes()) {
-            return fail(&format!("send {addr}"), &e);
-        }
-    } else if let Err(e) = sock.send_to(payload.as_bytes(), addr) {
-        return fail(&format!("sendto {addr}"), &e);
+    if opts.connect
+        && let Err(e) = connect(sock.as_raw_fd(), &addr)
+    {
+        return fail(&format!("connect {addr}"), &e);
     }
-    if opts.expect_reply {
-        let mut buf = [0u8; 2048];
-        let got = if opts.connect {
-            sock.recv(&mut buf).map(|n| (n, addr))
-        } else {
-            sock.recv_from(&mut buf)
-        };
-        match got {
-            Ok((n, _from)) if &buf[..n] == payload.as_bytes() => {}
-            Ok((n, from)) => {
-                say(&format!(
-                    "err EBADMSG reply mismatch from {from}: {:?}",
-                    String::from_utf8_lossy(&buf[..n])
-                ));
-                return EXIT_OTHER;
-            }
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) =>
-            {
-                say(&format!(
-                    "err ETIMEDOUT no reply from {addr} within {IO_TIMEOUT:?}"
-                ));
-                return EXIT_NO_REPLY;
-            }
-            Err(e) => return fail("recv reply", &e),
+    for i in 1..=opts.count {
+        let code = udp_one(&sock, addr, opts, i);
+        if code != EXIT_OK {
+            return code;
         }
     }
     say("ok");

@@ -265,25 +265,33 @@ mod tests {
         assert_eq!(lines[1], "allowed 120  denied 4  audited 2  events dropped 1  evictions 5");
         assert_eq!(lines[2], "");
         let expected = [
-            "SRC        DST        ADDR:PORT         PROTO  VERDICT  PKTS out/in        BYTES out/in",
-            "training   vectordb   10.0.0.5:6333     tcp    allow    53.7M/   10    5.0 GiB/  1.0 KiB",
-            "inference  vectordb   10.0.0.5:6333     tcp    allow       21/15.7k    2.0 KiB/  1.5 MiB",
-            "inference  host       [::1]:8000        tcp    audit        4/    2      300 B/    200 B",
-            "training   world      203.0.113.9:443   tcp    deny         1/    0        0 B/      0 B",
+            "SRC        DST       ADDR:PORT        PROTO  VERDICT  PKTS out/in     BYTES out/in",
+            "training   vectordb  10.0.0.5:6333    tcp    allow    53.7M/   10  5.0 GiB/1.0 KiB",
+            "inference  vectordb  10.0.0.5:6333    tcp    allow       21/15.7k  2.0 KiB/1.5 MiB",
+            "inference  host      [::1]:8000       tcp    audit        4/    2    300 B/  200 B",
+            "training   world     203.0.113.9:443  tcp    deny         1/    0      0 B/    0 B",
         ];
         assert_eq!(&lines[3..], &expected, "\n{table}");
     }
 
     #[test]
     fn table_fits_a_narrow_terminal() {
-        let table = render_table(&sample(), 60);
-        for line in table.lines() {
-            assert!(char_len(line) <= 60, "too wide: {line:?}");
-        }
+        // 10 columns short of the natural width: names and addresses give way.
+        let table = render_table(&sample(), 72);
         let lines: Vec<&str> = table.lines().collect();
-        // Names were narrowed first; the byte column (the sort key) survives when it can.
-        assert!(lines[4].starts_with("train…"), "{table}");
-        assert!(lines[6].contains("…:8000"), "{table}");
+        for line in &lines {
+            assert!(char_len(line) <= 72, "too wide: {line:?}");
+        }
+        assert!(lines[4].starts_with("train… "), "{table}");
+        assert!(lines[7].contains(" …113.9:443 "), "{table}");
+        // The byte column, the sort key, is intact.
+        assert!(lines[4].ends_with("5.0 GiB/1.0 KiB"), "{table}");
+        assert!(lines[7].ends_with("0 B/    0 B"), "{table}");
+
+        // Too narrow for even the narrowed columns: lines are cut at the edge.
+        for line in render_table(&sample(), 40).lines() {
+            assert!(char_len(line) <= 40, "too wide: {line:?}");
+        }
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! What exists on the node: the cgroup2 mount and its cgroups, this host's
 //! addresses, and sockets that were bound before the agent started.
+pub mod cgroup_watch;
 pub mod cgroups;
 pub mod local_addrs;
 pub mod sockets;
