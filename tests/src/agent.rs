@@ -14,7 +14,6 @@
 use std::cell::Cell;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::OnceLock;
 use std::time::Duration;
 
 use serde_json::Value;
@@ -45,18 +44,6 @@ pub fn agent_bin() -> PathBuf {
          (cargo xtask test does this), or set ZTAI_AGENT_BIN",
         cand.display()
     );
-}
-
-/// Whether `ztai-agent run` accepts `--control-socket` (read once from `run --help`).
-///
-/// Until the agent grows the flag, agents are started without it (and the flows scenarios fail
-/// saying so); once it exists every agent gets its own socket.
-pub fn agent_supports_control_socket() -> bool {
-    static SUPPORTED: OnceLock<bool> = OnceLock::new();
-    *SUPPORTED.get_or_init(|| {
-        let out = run_agent_cli(&["run", "--help"], DEFAULT_TIMEOUT);
-        out.stdout.contains("--control-socket")
-    })
 }
 
 /// What a one-shot `ztai-agent <args>` command did.
@@ -165,13 +152,8 @@ impl Agent {
         let policy = PolicyFile::write(yaml);
         let control_dir = TempDir::new("control");
         let control_socket = control_dir.path().join("agent.sock");
-        let mut cmd = Command::new(&bin);
-        if agent_supports_control_socket() {
-            cmd.arg("run").arg("--control-socket").arg(&control_socket);
-        } else {
-            cmd.arg("run");
-        }
-        let mut child = cmd
+        let mut child = Command::new(&bin)
+            .arg("run")
             .arg("--policy")
             .arg(policy.path())
             .arg("--cgroup-root")
@@ -179,6 +161,9 @@ impl Agent {
             // Tests run in parallel: each agent gets its own metrics port.
             .arg("--metrics-addr")
             .arg("127.0.0.1:0")
+            // ... and its own control socket (the default /run/ztai/agent.sock is one per host).
+            .arg("--control-socket")
+            .arg(&control_socket)
             .env("RUST_BACKTRACE", "1")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -207,7 +192,12 @@ impl Agent {
             .iter()
             .find(|v| v.get("msg") == Some(&Value::from("ready")))
             .and_then(|v| v.get("metrics_addr")?.as_str()?.parse().ok())
-            .unwrap_or_else(|| panic!("the agent's ready line names no metrics_addr\n{}", self.diagnostics()))
+            .unwrap_or_else(|| {
+                panic!(
+                    "the agent's ready line names no metrics_addr\n{}",
+                    self.diagnostics()
+                )
+            })
     }
 
     pub fn pid(&self) -> u32 {
@@ -220,21 +210,9 @@ impl Agent {
         &self.control_socket
     }
 
-    /// Panics unless this agent was started with `--control-socket` (the binary supports it).
-    #[track_caller]
-    pub fn require_control_socket(&self) {
-        assert!(
-            agent_supports_control_socket(),
-            "`ztai-agent run` has no --control-socket flag (checked `ztai-agent run --help`): the \
-             flows view is not wired yet. Contract: `ztai-agent run ... --control-socket PATH` \
-             serves a root-only Unix socket; `ztai-agent flows --socket PATH --json|--once` reads it."
-        );
-    }
-
     /// Runs `ztai-agent flows --socket <this agent's socket> ARGS` to completion.
     #[track_caller]
     pub fn flows_cli(&self, args: &[&str]) -> CliOutput {
-        self.require_control_socket();
         let sock = self.control_socket.to_str().expect("utf-8 temp path");
         let mut full = vec!["flows", "--socket", sock];
         full.extend_from_slice(args);
@@ -246,8 +224,12 @@ impl Agent {
     #[track_caller]
     pub fn flows_json(&self) -> Value {
         let out = self.flows_cli(&["--json"]);
-        assert!(out.status.success(), "{out}
-{}", self.diagnostics());
+        assert!(
+            out.status.success(),
+            "{out}
+{}",
+            self.diagnostics()
+        );
         serde_json::from_str(out.stdout.trim()).unwrap_or_else(|e| {
             panic!(
                 "`flows --json` printed no single JSON document ({e})

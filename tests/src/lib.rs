@@ -34,7 +34,7 @@ pub mod probe;
 pub mod time;
 mod util;
 
-pub use agent::{Agent, CliOutput, agent_supports_control_socket, run_agent_cli};
+pub use agent::{Agent, CliOutput, run_agent_cli};
 pub use cgroup::{Cgroup, TestCgroup, cgroup2_mount};
 pub use expect::{Denial, Target, assert_denial, loopback_targets};
 pub use netns::{Netns, RemoteHost, Veth};

@@ -292,7 +292,72 @@ pub fn parse_with_prometheus_client(text: &str) -> Vec<Family> {
         .collect()
 }
 
+/// The four counters of one flow series (`ztai_flow_packets_total` / `ztai_flow_bytes_total`
+/// with `direction="orig"` and `"reply"`); a missing series reads as 0.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FlowCounts {
+    pub orig_packets: u64,
+    pub orig_bytes: u64,
+    pub reply_packets: u64,
+    pub reply_bytes: u64,
+}
+
+impl FlowCounts {
+    /// Reads the series whose labels include `series` (every label but `direction`).
+    #[track_caller]
+    pub fn from_samples(samples: &[Sample], series: &[(&str, &str)]) -> FlowCounts {
+        let get = |name: &str, dir: &str| {
+            let mut labels = series.to_vec();
+            labels.push(("direction", dir));
+            sample_value(samples, name, &labels).unwrap_or(0.0) as u64
+        };
+        FlowCounts {
+            orig_packets: get("ztai_flow_packets_total", "orig"),
+            orig_bytes: get("ztai_flow_bytes_total", "orig"),
+            reply_packets: get("ztai_flow_packets_total", "reply"),
+            reply_bytes: get("ztai_flow_bytes_total", "reply"),
+        }
+    }
+
+    /// Whether every counter is at least `other`'s.
+    pub fn covers(&self, other: &FlowCounts) -> bool {
+        self.orig_packets >= other.orig_packets
+            && self.orig_bytes >= other.orig_bytes
+            && self.reply_packets >= other.reply_packets
+            && self.reply_bytes >= other.reply_bytes
+    }
+}
+
 impl Agent {
+    /// Polls `/metrics` until the flow series `series` (all labels but `direction`) satisfies
+    /// `done`, and returns its counters then. Panics after `timeout` with the last counters and
+    /// exposition.
+    #[track_caller]
+    pub fn wait_flow_counts(
+        &self,
+        series: &[(&str, &str)],
+        timeout: Duration,
+        done: impl Fn(&FlowCounts) -> bool,
+    ) -> FlowCounts {
+        let mut last = (FlowCounts::default(), String::new());
+        let r = crate::try_wait_until(timeout, || {
+            let resp = self.http_get("/metrics");
+            let samples = parse_samples(&resp.body).ok()?;
+            let c = FlowCounts::from_samples(&samples, series);
+            last = (c, resp.body);
+            done(&c).then_some(c)
+        });
+        r.unwrap_or_else(|| {
+            panic!(
+                "flow series {series:?} did not reach the expected counters within {timeout:?}; \
+                 last: {:?}\n--- last /metrics ---\n{}\n{}",
+                last.0,
+                last.1,
+                self.diagnostics()
+            )
+        })
+    }
+
     /// `GET <path>` on the agent's metrics address; panics (with diagnostics) when it fails.
     #[track_caller]
     pub fn http_get(&self, path: &str) -> HttpResponse {
@@ -304,12 +369,7 @@ impl Agent {
     #[track_caller]
     pub fn scrape(&self) -> Vec<Sample> {
         let r = self.http_get("/metrics");
-        assert_eq!(
-            r.status,
-            200,
-            "GET /metrics: {r:?}\n{}",
-            self.diagnostics()
-        );
+        assert_eq!(r.status, 200, "GET /metrics: {r:?}\n{}", self.diagnostics());
         parse_samples(&r.body).unwrap_or_else(|e| panic!("/metrics: {e}\n{}", r.body))
     }
 

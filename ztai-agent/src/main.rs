@@ -4,6 +4,7 @@ use std::{path::PathBuf, process::ExitCode, time::Duration};
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use ztai_agent::{
+    control,
     discovery::cgroups::{CgroupRoot, cgroup2_mount},
     logging,
     policy::{self, PolicyError, Severity},
@@ -30,9 +31,27 @@ enum Command {
         /// Serve OpenMetrics on /metrics, plus /healthz and /readyz, at this address ("off" to disable; port 0 picks one and logs it).
         #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9469", value_parser = parse_optional_addr)]
         metrics_addr: OptionalAddr,
+        /// Root-only Unix socket serving the live flow table to `ztai-agent flows` ("off" to disable).
+        #[arg(long, value_name = "PATH", default_value = control::DEFAULT_SOCKET)]
+        control_socket: PathBuf,
         /// Debug-level diagnostics on stderr.
         #[arg(long, short)]
         verbose: bool,
+    },
+    /// Show the running agent's live flow table, busiest first (reads its control socket; attaches nothing). Root only.
+    Flows {
+        /// Print one JSON document (flows sorted by bytes, plus totals) and exit.
+        #[arg(long)]
+        json: bool,
+        /// Print the table once and exit instead of refreshing.
+        #[arg(long)]
+        once: bool,
+        /// The agent's control socket.
+        #[arg(long, value_name = "PATH", default_value = control::DEFAULT_SOCKET)]
+        socket: PathBuf,
+        /// Seconds between refreshes of the live view (fractions allowed).
+        #[arg(long, value_name = "SECS", default_value = "2", value_parser = control::parse_interval)]
+        interval: Duration,
     },
     /// Validate policy files: exit 0 if all are valid, else 1 with one `file:line:column` line per problem.
     Check {
@@ -115,9 +134,17 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Check { files, strict } => check(&files, strict),
-        Command::Run { policy, cgroup_root, metrics_addr, verbose } => {
+        Command::Flows { json, once, socket, interval } => match control::run_flows(control::FlowsOptions { socket, json, once, interval }) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("ztai-agent flows: {:#}", anyhow::Error::from(e));
+                ExitCode::FAILURE
+            }
+        },
+        Command::Run { policy, cgroup_root, metrics_addr, control_socket, verbose } => {
             logging::init(verbose);
-            let services = Services { metrics_addr: metrics_addr.0, control_socket: None };
+            let control_socket = (control_socket.as_os_str() != "off").then_some(control_socket);
+            let services = Services { metrics_addr: metrics_addr.0, control_socket };
             match run(policy, cgroup_root, services) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {

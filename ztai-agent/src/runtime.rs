@@ -13,6 +13,8 @@ use ztai_common::SegmentId;
 
 use tokio::sync::watch;
 
+use ztai_common::CgroupLabel;
+
 use crate::{
     datapath::{Datapath, DatapathError, local_addr_key},
     flows::{Snapshot, Totals, records},
@@ -21,9 +23,10 @@ use crate::{
         cgroup_watch::CgroupWatcher,
         cgroups::{self, CgroupError, CgroupRoot, LabeledCgroup},
         local_addrs::{self, AddressEvents},
+        policy_file::PolicyFileWatcher,
         sockets, workloads,
     },
-    policy::{Checked, Policy, compile::compile},
+    policy::{Checked, Policy, compile::{CompiledPolicy, compile}},
     report::{self, NameTable},
 };
 
@@ -48,6 +51,10 @@ pub enum RuntimeError {
     Cgroup(#[from] CgroupError),
     #[error(transparent)]
     Metrics(#[from] MetricsError),
+    #[error("{0}")]
+    Policy(String),
+    #[error(transparent)]
+    Control(#[from] crate::control::ControlError),
     #[error("{what}")]
     Io { what: String, #[source] source: std::io::Error },
 }
@@ -85,11 +92,6 @@ fn register<T: std::os::fd::AsRawFd>(inner: T, what: &str) -> Result<AsyncFd<T>,
     unsafe { AsyncFd::register(inner) }.map_err(|e| RuntimeError::Io { what: what.into(), source: e.into() })
 }
 
-fn names_for(policy: &Policy, cgroups: &[LabeledCgroup]) -> NameTable {
-    let mut segments = vec!["host".to_string(), "world".to_string()];
-    segments.extend(policy.segments.iter().map(|s| s.name.clone()));
-    NameTable { segments, cgroups: cgroups.iter().map(|c| (c.id, format!("/{}", c.rel_path))).collect() }
-}
 
 /// This host's addresses and those of labeled workloads in their own
 /// network namespaces, as the kernel needs them.
@@ -120,31 +122,6 @@ impl NodeAddresses {
     }
 }
 
-/// What the metrics endpoint, the control socket and `flows` read.
-fn snapshot(datapath: &Datapath, policy: &Policy, labels: &Labels, generation: u8) -> Snapshot {
-    let counter = |i| datapath.counter(i).unwrap_or(0);
-    let flows = datapath.read_flows().unwrap_or_default();
-    let created = counter(ztai_common::COUNTER_FLOWS_CREATED);
-    Snapshot {
-        policy_name: policy.name.clone(),
-        generation: generation as u64,
-        segments: policy.segments.iter().map(|s| s.name.clone()).collect(),
-        labeled_cgroups: labels.labeled_count() as u64,
-        totals: Totals {
-            allowed: counter(ztai_common::COUNTER_ALLOWED),
-            denied: counter(ztai_common::COUNTER_DENIED),
-            audited: counter(ztai_common::COUNTER_AUDITED),
-            events_dropped: counter(ztai_common::COUNTER_EVENTS_DROPPED),
-            // Entries made minus entries alive: what the LRU pushed out.
-            flow_table_evictions: created.saturating_sub(flows.len() as u64),
-            socket_table_full: counter(ztai_common::COUNTER_SOCKET_TABLE_FULL),
-            udp_replies: counter(ztai_common::COUNTER_UDP_REPLIES),
-        },
-        flows: records(policy, &flows),
-        ready: true,
-    }
-}
-
 /// Where the agent serves what it knows.
 #[derive(Debug, Clone)]
 pub struct Services {
@@ -152,21 +129,73 @@ pub struct Services {
     pub control_socket: Option<PathBuf>,
 }
 
+/// Kernel ids of declared segments, stable by name for the agent's lifetime:
+/// labels and socket owners hold ids, so a reload must not renumber them.
+#[derive(Debug)]
+struct SegmentIds {
+    by_name: HashMap<String, SegmentId>,
+    next: SegmentId,
+}
+
+impl SegmentIds {
+    fn new() -> Self {
+        Self { by_name: HashMap::new(), next: ztai_common::SEGMENT_FIRST_DECLARED }
+    }
+
+    /// Renumbers `policy` in place; fails (changing nothing) if the kernel's
+    /// segment table would overflow.
+    fn assign(&mut self, policy: &mut Policy) -> Result<(), String> {
+        let fresh = policy.segments.iter().filter(|s| !self.by_name.contains_key(&s.name)).count() as u32;
+        if self.next + fresh > ztai_common::MAX_SEGMENTS {
+            return Err(format!(
+                "this policy would need segment ids beyond the kernel's table of {} (ids are kept stable across reloads; restart the agent to compact them)",
+                ztai_common::MAX_SEGMENTS
+            ));
+        }
+        policy.renumber(&mut |name| {
+            *self.by_name.entry(name.to_string()).or_insert_with(|| {
+                let id = self.next;
+                self.next += 1;
+                id
+            })
+        });
+        Ok(())
+    }
+}
+
+/// What each cgroup is labeled with in the kernel (one segment per slot).
 struct Labels {
-    current: HashMap<u64, SegmentId>,
+    current: HashMap<u64, CgroupLabel>,
+    slot: u8,
 }
 
 impl Labels {
-    /// Writes what changed since the last scan; reports ambiguities once.
-    fn apply(&mut self, datapath: &mut Datapath, policy: &Policy, scanned: &[LabeledCgroup]) -> Result<(), RuntimeError> {
+    /// Writes the labels `scanned` asks for. With `reload_slot`, only that
+    /// (not yet live) slot changes, so the switch to it stays atomic;
+    /// otherwise both slots get the live segment.
+    fn apply(
+        &mut self,
+        datapath: &mut Datapath,
+        policy: &Policy,
+        scanned: &[LabeledCgroup],
+        reload_slot: Option<u8>,
+    ) -> Result<(), RuntimeError> {
         let mut changed = Vec::new();
         for c in scanned {
-            if self.current.get(&c.id) != Some(&c.segment) {
-                if !c.also_matched.is_empty() {
+            let want = match (reload_slot, self.current.get(&c.id)) {
+                (Some(slot), Some(cur)) => {
+                    let mut l = *cur;
+                    l.segments[(slot & 1) as usize] = c.segment;
+                    l
+                }
+                _ => CgroupLabel::same(c.segment),
+            };
+            if self.current.get(&c.id) != Some(&want) {
+                if !c.also_matched.is_empty() && self.current.get(&c.id).map(|l| l.segment(self.slot)) != Some(c.segment) {
                     let others: Vec<&str> = c.also_matched.iter().map(|id| policy.segment_name(*id)).collect();
                     warn!(cgroup = format!("/{}", c.rel_path), segment = policy.segment_name(c.segment), also = others.join(","); "cgroup matches several segments; using the first in file order");
                 }
-                changed.push((c.id, c.segment));
+                changed.push((c.id, want));
             }
         }
         let seen: std::collections::HashSet<u64> = scanned.iter().map(|c| c.id).collect();
@@ -175,8 +204,8 @@ impl Labels {
         for id in &failed {
             error!(cgroup_id = *id; "cannot label cgroup (map full?); unlabeled traffic under the attach point now fails closed");
         }
-        for (id, seg) in changed.iter().filter(|(id, _)| !failed.contains(id)) {
-            self.current.insert(*id, *seg);
+        for (id, label) in changed.iter().filter(|(id, _)| !failed.contains(id)) {
+            self.current.insert(*id, *label);
         }
         if !gone.is_empty() {
             datapath.remove_cgroup_labels(&gone)?;
@@ -188,8 +217,211 @@ impl Labels {
     }
 
     fn labeled_count(&self) -> usize {
-        self.current.values().filter(|s| **s >= ztai_common::SEGMENT_FIRST_DECLARED).count()
+        self.current.values().filter(|l| l.segment(self.slot) >= ztai_common::SEGMENT_FIRST_DECLARED).count()
     }
+}
+
+/// The agent's whole view of what it enforces.
+struct Enforcer {
+    datapath: Datapath,
+    root: CgroupRoot,
+    policy_path: PathBuf,
+    policy: Policy,
+    policy_text: String,
+    ids: SegmentIds,
+    /// Number of the live generation (1 for the first policy).
+    generation: u32,
+    live: CompiledPolicy,
+    /// The previous generation's entries, removed one tick after the switch
+    /// so no program still reading them finds them gone.
+    retiring: Option<CompiledPolicy>,
+    labels: Labels,
+    names: NameTable,
+    node: NodeAddresses,
+    reload_errors: u64,
+}
+
+fn slot_of(generation: u32) -> u8 {
+    ztai_common::generation_slot(generation)
+}
+
+impl Enforcer {
+    fn start(datapath: Datapath, root: CgroupRoot, policy_path: PathBuf, mut policy: Policy, netns_cookie: u64) -> Result<Self, RuntimeError> {
+        let policy_text = std::fs::read_to_string(&policy_path).unwrap_or_default();
+        let mut ids = SegmentIds::new();
+        ids.assign(&mut policy).map_err(|e| RuntimeError::Policy(e))?;
+        let generation = 1;
+        let live = compile(&policy, slot_of(generation));
+        let host = local_addrs::host_addresses().map_err(io_err("cannot list this host's addresses"))?;
+        let mut e = Self {
+            datapath,
+            root,
+            policy_path,
+            policy,
+            policy_text,
+            ids,
+            generation,
+            live,
+            retiring: None,
+            labels: Labels { current: HashMap::new(), slot: slot_of(generation) },
+            names: NameTable::default(),
+            node: NodeAddresses { netns_cookie, host, workloads: Vec::new() },
+            reload_errors: 0,
+        };
+        e.datapath.write_policy(&e.live)?;
+        let scanned = cgroups::scan(&e.root, &e.policy)?;
+        e.labels.apply(&mut e.datapath, &e.policy, &scanned, None)?;
+        e.node.refresh_workloads(&e.root, &scanned);
+        e.node.apply(&mut e.datapath)?;
+        e.names = names_for(&e.ids, &scanned);
+        e.datapath.switch_generation(generation)?;
+        Ok(e)
+    }
+
+    fn scan(&self) -> Result<Vec<LabeledCgroup>, RuntimeError> {
+        Ok(cgroups::scan(&self.root, &self.policy)?)
+    }
+
+    /// Labels new cgroups, forgets removed ones.
+    fn relabel(&mut self) -> Result<(), RuntimeError> {
+        match self.scan() {
+            Ok(scanned) => {
+                self.labels.apply(&mut self.datapath, &self.policy, &scanned, None)?;
+                self.names = names_for(&self.ids, &scanned);
+            }
+            Err(e) => error!(error = format!("{e:#}"); "cgroup rescan failed"),
+        }
+        Ok(())
+    }
+
+    /// The periodic pass: relabel, workload addresses, retire the previous
+    /// generation's entries.
+    fn tick(&mut self) -> Result<(), RuntimeError> {
+        if let Some(old) = self.retiring.take() {
+            self.datapath.retire_policy(&old)?;
+        }
+        match self.scan() {
+            Ok(scanned) => {
+                self.labels.apply(&mut self.datapath, &self.policy, &scanned, None)?;
+                self.node.refresh_workloads(&self.root, &scanned);
+                self.node.apply(&mut self.datapath)?;
+                self.names = names_for(&self.ids, &scanned);
+            }
+            Err(e) => error!(error = format!("{e:#}"); "cgroup rescan failed"),
+        }
+        Ok(())
+    }
+
+    /// Validates and compiles the policy file, writes it beside the live
+    /// generation, then switches with one update. An invalid file, or entries
+    /// the kernel refuses, leave the live policy untouched.
+    fn reload(&mut self, trigger: &str) -> Result<(), RuntimeError> {
+        let text = match std::fs::read_to_string(&self.policy_path) {
+            Ok(t) => t,
+            Err(e) => {
+                self.reload_errors += 1;
+                error!(trigger = trigger, policy = self.policy_path.display().to_string(), error = e.to_string(); "policy reload rejected: cannot read the file; the previous policy stays in force");
+                return Ok(());
+            }
+        };
+        if text == self.policy_text && trigger != "SIGHUP" {
+            return Ok(());
+        }
+        let display = self.policy_path.display().to_string();
+        let mut policy = match crate::policy::parse_policy_str(&display, &text) {
+            Ok(checked) => {
+                for w in &checked.warnings {
+                    warn!(diagnostic = w.to_string(); "policy warning");
+                }
+                checked.policy
+            }
+            Err(diagnostics) => {
+                self.reload_errors += 1;
+                self.policy_text = text;
+                for d in diagnostics.iter().filter(|d| d.is_error()) {
+                    error!(trigger = trigger, diagnostic = d.to_string(); "policy reload rejected; the previous policy stays in force");
+                }
+                return Ok(());
+            }
+        };
+        if let Err(e) = self.ids.assign(&mut policy) {
+            self.reload_errors += 1;
+            error!(trigger = trigger, error = e; "policy reload rejected; the previous policy stays in force");
+            return Ok(());
+        }
+        // The slot about to be written must hold nothing still live.
+        if let Some(old) = self.retiring.take() {
+            self.datapath.retire_policy(&old)?;
+        }
+        let next = self.generation + 1;
+        let compiled = compile(&policy, slot_of(next));
+        if let Err(e) = self.datapath.write_policy(&compiled) {
+            self.reload_errors += 1;
+            error!(trigger = trigger, error = format!("{e:#}"); "policy reload rejected: the kernel refused its entries; the previous policy stays in force");
+            self.datapath.retire_policy(&compiled)?;
+            return Ok(());
+        }
+        let scanned = cgroups::scan(&self.root, &policy)?;
+        self.labels.apply(&mut self.datapath, &policy, &scanned, Some(slot_of(next)))?;
+        self.datapath.switch_generation(next)?;
+        self.labels.slot = slot_of(next);
+        self.retiring = Some(std::mem::replace(&mut self.live, compiled));
+        self.generation = next;
+        self.policy = policy;
+        self.policy_text = text;
+        self.names = names_for(&self.ids, &scanned);
+        // Workload addresses follow at once, in both slots.
+        self.node.refresh_workloads(&self.root, &scanned);
+        self.node.apply(&mut self.datapath)?;
+        info!(
+            trigger = trigger,
+            generation = next as u64,
+            name = self.policy.name.as_str(),
+            segments = self.policy.segments.len() as u64,
+            rules = self.policy.rules.len() as u64;
+            "policy applied"
+        );
+        Ok(())
+    }
+
+    /// What the metrics endpoint, the control socket and `flows` read.
+    fn snapshot(&self) -> Snapshot {
+        let counter = |i| self.datapath.counter(i).unwrap_or(0);
+        let flows = self.datapath.read_flows().unwrap_or_default();
+        let created = counter(ztai_common::COUNTER_FLOWS_CREATED);
+        Snapshot {
+            policy_name: self.policy.name.clone(),
+            generation: self.generation as u64,
+            segments: self.policy.segments.iter().map(|s| s.name.clone()).collect(),
+            labeled_cgroups: self.labels.labeled_count() as u64,
+            totals: Totals {
+                allowed: counter(ztai_common::COUNTER_ALLOWED),
+                denied: counter(ztai_common::COUNTER_DENIED),
+                audited: counter(ztai_common::COUNTER_AUDITED),
+                events_dropped: counter(ztai_common::COUNTER_EVENTS_DROPPED),
+                // Entries made minus entries alive: what the LRU pushed out.
+                flow_table_evictions: created.saturating_sub(flows.len() as u64),
+                socket_table_full: counter(ztai_common::COUNTER_SOCKET_TABLE_FULL),
+                udp_replies: counter(ztai_common::COUNTER_UDP_REPLIES),
+                reload_errors: self.reload_errors,
+                revoked_packets: counter(ztai_common::COUNTER_REVOKED),
+            },
+            flows: records(&self.policy, &flows),
+            ready: true,
+        }
+    }
+}
+
+fn names_for(ids: &SegmentIds, cgroups: &[LabeledCgroup]) -> NameTable {
+    let mut segments = vec!["host".to_string(), "world".to_string()];
+    for (name, id) in &ids.by_name {
+        let i = *id as usize;
+        if segments.len() <= i {
+            segments.resize(i + 1, String::new());
+        }
+        segments[i] = name.clone();
+    }
+    NameTable { segments, cgroups: cgroups.iter().map(|c| (c.id, format!("/{}", c.rel_path))).collect() }
 }
 
 fn write_report_line(line: &str) {
@@ -218,83 +450,106 @@ pub async fn run(config: RunConfig) -> Result<(), RuntimeError> {
             let _ = metrics_stopped.await;
         }));
     }
+    // Claim the control socket before loading anything: a second agent on
+    // the same node fails here, before touching the kernel.
+    let control = match &services.control_socket {
+        Some(path) => Some(crate::control::ControlSocket::bind(path)?),
+        None => None,
+    };
     ensure_bpffs()?;
     let netns_cookie = local_addrs::own_netns_cookie().map_err(io_err("cannot read this network namespace's cookie"))?;
-
-    let mut datapath = Datapath::load()?;
-    let compiled = compile(&policy, 0);
-    datapath.apply_policy(&compiled)?;
-
-    let scanned = cgroups::scan(&cgroup_root, &policy)?;
-    let mut labels = Labels { current: HashMap::new() };
-    labels.apply(&mut datapath, &policy, &scanned)?;
-    let mut names = names_for(&policy, &scanned);
-
     let address_events = AddressEvents::subscribe().map_err(io_err("cannot subscribe to address changes (rtnetlink)"))?;
     let address_events = register(address_events, "cannot register rtnetlink socket")?;
-    let host_addrs = local_addrs::host_addresses().map_err(io_err("cannot list this host's addresses"))?;
-    let mut node = NodeAddresses { netns_cookie, host: host_addrs, workloads: Vec::new() };
-    node.refresh_workloads(&cgroup_root, &scanned);
-    node.apply(&mut datapath)?;
+    let policy_watch = PolicyFileWatcher::new(&policy_path).map_err(io_err(format!("cannot watch {}", policy_path.display())))?;
+    let mut policy_watch = register(policy_watch, "cannot register the policy file watcher")?;
+
+    let datapath = Datapath::load()?;
+    let mut enforcer = Enforcer::start(datapath, cgroup_root.clone(), policy_path.clone(), policy, netns_cookie)?;
 
     // Everything is in the maps before the first program runs.
-    datapath.attach(&cgroup_root.path)?;
-    let existing = sockets::bound_sockets_of_labeled(&cgroup_root.mount, &scanned);
-    let recorded = datapath.record_existing_sockets(netns_cookie, &existing)?;
+    enforcer.datapath.attach(&cgroup_root.path)?;
+    let existing = sockets::bound_sockets_of_labeled(&cgroup_root.mount, &enforcer.scan()?);
+    let recorded = enforcer.datapath.record_existing_sockets(netns_cookie, &existing)?;
 
     // The logger outlives the programs' use of it: the loop owns it until the
     // datapath is dropped below.
-    let mut kernel_log = match datapath.take_kernel_log() {
+    let mut kernel_log = match enforcer.datapath.take_kernel_log() {
         Some(l) => Some(register(l, "cannot register the kernel log")?),
         None => None,
     };
     let watcher = CgroupWatcher::new(&cgroup_root.path).map_err(io_err("cannot watch cgroups (inotify)"))?;
     let mut watcher = register(watcher, "cannot register the cgroup watcher")?;
-    let events = datapath.take_events()?;
+    let events = enforcer.datapath.take_events()?;
     let mut events = register(events, "cannot register the event ring buffer")?;
 
-    let first = snapshot(&datapath, &policy, &labels, compiled.generation);
+    let first = enforcer.snapshot();
     metrics_state.update(&first);
     let (snapshot_tx, snapshot_rx) = watch::channel(first);
-    let _consumers = start_consumers(&services, snapshot_rx)?;
+    let (control_stop, control_stopped) = tokio::sync::oneshot::channel::<()>();
+    let control_task = control.map(|c| {
+        tokio::spawn(c.serve(snapshot_rx, async move {
+            let _ = control_stopped.await;
+        }))
+    });
 
     info!(
         policy = policy_path.display().to_string(),
-        name = policy.name.as_str(),
-        generation = compiled.generation as u64,
+        name = enforcer.policy.name.as_str(),
+        generation = enforcer.generation as u64,
         cgroup_root = cgroup_root.path.display().to_string(),
-        segments = policy.segments.len() as u64,
-        rules = policy.rules.len() as u64,
-        labeled_cgroups = labels.labeled_count() as u64,
+        segments = enforcer.policy.segments.len() as u64,
+        rules = enforcer.policy.rules.len() as u64,
+        labeled_cgroups = enforcer.labels.labeled_count() as u64,
         existing_sockets = recorded as u64,
-        metrics_addr = metrics_bound.map(|a| a.to_string()).unwrap_or_else(|| "off".into());
+        metrics_addr = metrics_bound.map(|a| a.to_string()).unwrap_or_else(|| "off".into()),
+        control_socket = services.control_socket.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "off".into());
         "ready"
     );
     metrics_state.set_ready(true);
 
     let mut sigterm = signal(SignalKind::terminate()).map_err(io_err("cannot install SIGTERM handler"))?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(io_err("cannot install SIGINT handler"))?;
+    let mut sighup = signal(SignalKind::hangup()).map_err(io_err("cannot install SIGHUP handler"))?;
     let mut rescan = tokio::time::interval(rescan_every);
     rescan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+
+    let publish = |e: &Enforcer| {
+        let now = e.snapshot();
+        metrics_state.update(&now);
+        snapshot_tx.send_replace(now);
+    };
 
     let signal_name = loop {
         tokio::select! {
             _ = sigterm.recv() => break "SIGTERM",
             _ = sigint.recv() => break "SIGINT",
+            _ = sighup.recv() => {
+                enforcer.reload("SIGHUP")?;
+                publish(&enforcer);
+            }
+            guard = policy_watch.readable_mut() => {
+                let mut guard = guard.map_err(io_err("policy file watcher poll failed"))?;
+                let touched = guard.get_inner_mut().drain();
+                guard.clear_ready();
+                if touched {
+                    enforcer.reload("file change")?;
+                    publish(&enforcer);
+                }
+            }
             guard = events.readable_mut() => {
                 let mut guard = guard.map_err(io_err("event ring buffer poll failed"))?;
                 let ring = guard.get_inner_mut();
                 let mut unknown_cgroup = false;
                 while let Some(item) = ring.next() {
                     if let Some(ev) = report::parse_event(&item) {
-                        if !names.cgroups.contains_key(&ev.cgroup_id) && !unknown_cgroup {
+                        if !enforcer.names.cgroups.contains_key(&ev.cgroup_id) && !unknown_cgroup {
                             // A cgroup newer than the last scan: learn its path now.
                             unknown_cgroup = true;
-                            if let Ok(fresh) = cgroups::scan(&cgroup_root, &policy) {
-                                names = names_for(&policy, &fresh);
+                            if let Ok(fresh) = enforcer.scan() {
+                                enforcer.names = names_for(&enforcer.ids, &fresh);
                             }
                         }
-                        write_report_line(&report::render(&ev, &names).to_string());
+                        write_report_line(&report::render(&ev, &enforcer.names).to_string());
                     }
                 }
                 guard.clear_ready();
@@ -304,8 +559,8 @@ pub async fn run(config: RunConfig) -> Result<(), RuntimeError> {
                 if guard.get_inner().drain() {
                     match local_addrs::host_addresses() {
                         Ok(addrs) => {
-                            node.host = addrs;
-                            node.apply(&mut datapath)?;
+                            enforcer.node.host = addrs;
+                            enforcer.node.apply(&mut enforcer.datapath)?;
                         }
                         Err(e) => error!(error = e.to_string(); "cannot list this host's addresses"),
                     }
@@ -322,46 +577,31 @@ pub async fn run(config: RunConfig) -> Result<(), RuntimeError> {
                 let changed = guard.get_inner_mut().drain(&cgroup_root.path);
                 guard.clear_ready();
                 if changed {
-                    match cgroups::scan(&cgroup_root, &policy) {
-                        Ok(scanned) => {
-                            labels.apply(&mut datapath, &policy, &scanned)?;
-                            names = names_for(&policy, &scanned);
-                        }
-                        Err(e) => error!(error = format!("{e:#}"); "cgroup rescan failed"),
-                    }
+                    enforcer.relabel()?;
                 }
             }
             _ = rescan.tick() => {
-                match cgroups::scan(&cgroup_root, &policy) {
-                    Ok(scanned) => {
-                        labels.apply(&mut datapath, &policy, &scanned)?;
-                        node.refresh_workloads(&cgroup_root, &scanned);
-                        node.apply(&mut datapath)?;
-                        names = names_for(&policy, &scanned);
-                    }
-                    Err(e) => error!(error = format!("{e:#}"); "cgroup rescan failed"),
-                }
-                let now = snapshot(&datapath, &policy, &labels, compiled.generation);
-                metrics_state.update(&now);
-                snapshot_tx.send_replace(now);
+                enforcer.tick()?;
+                publish(&enforcer);
             }
         }
     };
     metrics_state.set_ready(false);
-    let dropped = datapath.counter(ztai_common::COUNTER_EVENTS_DROPPED).unwrap_or(0);
+    let dropped = enforcer.datapath.counter(ztai_common::COUNTER_EVENTS_DROPPED).unwrap_or(0);
     info!(signal = signal_name, events_dropped = dropped; "shutting down: detaching programs");
     drop(events);
-    drop(datapath);
+    drop(enforcer);
     drop(kernel_log);
     drop(metrics_stop);
+    let _ = control_stop.send(());
+    if let Some(task) = control_task {
+        match task.await {
+            Ok(Err(e)) => error!(error = format!("{e:#}"); "control socket failed"),
+            Err(e) => error!(error = e.to_string(); "control socket task failed"),
+            Ok(Ok(())) => {}
+        }
+    }
     info!("stopped");
     Ok(())
 }
 
-
-/// Starts the consumers of snapshots (metrics endpoint, control socket).
-/// Dropping the returned guard stops them.
-fn start_consumers(services: &Services, snapshots: watch::Receiver<Snapshot>) -> Result<Vec<tokio::task::JoinHandle<()>>, RuntimeError> {
-    let _ = (services, snapshots);
-    Ok(Vec::new())
-}

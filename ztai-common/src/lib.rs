@@ -50,6 +50,8 @@ pub const REASON_NO_POLICY: u8 = 5;
 /// An inbound IPv6 packet whose transport header sits behind extension
 /// headers: its ports cannot be judged, so a labeled receiver drops it.
 pub const REASON_UNPARSEABLE: u8 = 6;
+/// An established connection no longer allowed after a reload or relabel.
+pub const REASON_REVOKED: u8 = 7;
 
 /// Which hook produced an event (`ViolationEvent::hook`).
 pub const HOOK_CONNECT4: u8 = 1;
@@ -80,17 +82,32 @@ pub const CONFIG_FLAG_POLICY_LOADED: u32 = 1 << 1;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Config {
-    /// Generation (`0` or `1`) whose rules and cidrs are live.
+    /// Number of the live policy generation (1, 2, … per applied policy).
+    /// Its low bit is the map slot (`generation` byte of every key) whose
+    /// rules, cidrs and labels are live.
     pub active_gen: u32,
     pub flags: u32,
 }
 
-/// Value of `maps::CGROUP_LABELS`, keyed by cgroup id (`u64`).
+/// A segment per policy generation: the value of `maps::CGROUP_LABELS`
+/// (keyed by cgroup id) and `maps::WORKLOAD_ADDRS`. A reload writes the new
+/// generation's slot beside the live one, so relabeling switches atomically
+/// with the rules.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CgroupLabel {
-    pub segment: SegmentId,
-    pub _pad: u32,
+    pub segments: [SegmentId; GENERATIONS as usize],
+}
+
+impl CgroupLabel {
+    pub const fn same(segment: SegmentId) -> Self {
+        Self { segments: [segment; GENERATIONS as usize] }
+    }
+
+    #[inline(always)]
+    pub fn segment(&self, generation: u8) -> SegmentId {
+        self.segments[(generation & 1) as usize]
+    }
 }
 
 /// Key of `maps::RULE_PAIRS`: is there any rule from `src` to `dst` on `proto`?
@@ -245,7 +262,10 @@ pub const COUNTER_UDP_REPLIES: u32 = 5;
 /// New entries made in `maps::FLOWS`; minus the live entries, the evictions.
 pub const COUNTER_FLOWS_CREATED: u32 = 6;
 pub const COUNTER_INGRESS_DROPPED: u32 = 7;
-pub const COUNTERS_LEN: u32 = 8;
+/// Packets of established connections dropped because a reload or a
+/// relabel revoked them.
+pub const COUNTER_REVOKED: u32 = 8;
+pub const COUNTERS_LEN: u32 = 12;
 
 /// A connection in initiator orientation: `s*` is the side that sent first.
 #[repr(C)]
@@ -285,9 +305,19 @@ pub const COUNTED_BY_RESPONDER: u8 = 2;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Conn {
+    /// Its verdict (`flow.verdict`) holds for policy generation `epoch`
+    /// (low 16 bits of `Config::active_gen`); a packet seen under another
+    /// generation is judged again (revocation).
     pub flow: FlowKey,
+    pub epoch: u16,
     pub counted_by: u8,
-    pub _pad: [u8; 3],
+    pub _pad: u8,
+}
+
+/// Map slot of a generation number.
+#[inline(always)]
+pub const fn generation_slot(active_gen: u32) -> u8 {
+    (active_gen & 1) as u8
 }
 
 /// Per-CPU value of `maps::FLOWS`. "orig" is initiator → responder.

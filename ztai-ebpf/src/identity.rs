@@ -25,9 +25,9 @@ use crate::{
 /// last scan: it inherits from its nearest labeled ancestor at once, instead
 /// of passing as `host` until the agent catches up.
 #[inline(always)]
-pub fn current_segment() -> (SegmentId, u64) {
+pub fn current_segment(generation: u8) -> (SegmentId, u64) {
     let cgroup = unsafe { bpf_get_current_cgroup_id() };
-    let segment = nearest_label(cgroup, |level| unsafe { bpf_get_current_ancestor_cgroup_id(level) });
+    let segment = nearest_label(generation, cgroup, |level| unsafe { bpf_get_current_ancestor_cgroup_id(level) });
     (segment, cgroup)
 }
 
@@ -35,9 +35,9 @@ pub fn current_segment() -> (SegmentId, u64) {
 /// `ancestor(level)` is the cgroup's ancestor at `level` (0 = root), or 0
 /// past the cgroup's own depth.
 #[inline(always)]
-fn nearest_label(cgroup: u64, ancestor: impl Fn(i32) -> u64) -> SegmentId {
+fn nearest_label(generation: u8, cgroup: u64, ancestor: impl Fn(i32) -> u64) -> SegmentId {
     if let Some(label) = unsafe { CGROUP_LABELS.get(&cgroup) } {
-        return label.segment;
+        return label.segment(generation);
     }
     let mut segment = SEGMENT_HOST;
     let mut level = 0;
@@ -47,7 +47,7 @@ fn nearest_label(cgroup: u64, ancestor: impl Fn(i32) -> u64) -> SegmentId {
             break;
         }
         if let Some(label) = unsafe { CGROUP_LABELS.get(&id) } {
-            segment = label.segment;
+            segment = label.segment(generation);
         }
         level += 1;
     }
@@ -57,18 +57,18 @@ fn nearest_label(cgroup: u64, ancestor: impl Fn(i32) -> u64) -> SegmentId {
 /// Segment of the cgroup owning a packet's socket (cgroup_skb programs, where
 /// "current" is whatever task the softirq interrupted).
 #[inline(always)]
-pub fn skb_segment<C: EbpfContext>(ctx: &C) -> (SegmentId, u64) {
+pub fn skb_segment<C: EbpfContext>(ctx: &C, generation: u8) -> (SegmentId, u64) {
     let skb = ctx.as_ptr() as *mut _;
     let cgroup = unsafe { bpf_skb_cgroup_id(skb) };
-    let segment = nearest_label(cgroup, |level| unsafe { bpf_skb_ancestor_cgroup_id(skb, level) });
+    let segment = nearest_label(generation, cgroup, |level| unsafe { bpf_skb_ancestor_cgroup_id(skb, level) });
     (segment, cgroup)
 }
 
 /// Segment of a cgroup that is not the caller's (a socket owner's).
 #[inline(always)]
-pub fn cgroup_segment(cgroup: u64, recorded: SegmentId) -> SegmentId {
+pub fn cgroup_segment(generation: u8, cgroup: u64, recorded: SegmentId) -> SegmentId {
     match unsafe { CGROUP_LABELS.get(&cgroup) } {
-        Some(label) => label.segment,
+        Some(label) => label.segment(generation),
         // Cgroup gone or newer than the agent's scan: keep what was true at bind.
         None => recorded,
     }
@@ -126,6 +126,7 @@ pub fn is_local(netns_cookie: u64, daddr: &Addr) -> bool {
 #[inline(always)]
 fn owner_of_local_destination<C: EbpfContext>(
     ctx: &C,
+    generation: u8,
     netns_cookie: u64,
     proto: u8,
     daddr: &Addr,
@@ -159,7 +160,7 @@ fn owner_of_local_destination<C: EbpfContext>(
     unsafe { bpf_sk_release(sk as *mut _) };
     match key {
         Some(key) => match unsafe { SOCKET_OWNERS.get(&key) } {
-            Some(owner) => cgroup_segment(owner.cgroup_id, owner.segment),
+            Some(owner) => cgroup_segment(generation, owner.cgroup_id, owner.segment),
             // Never recorded: bound outside the attach point or before the
             // agent, and not found by its procfs scan, so not labeled.
             None => SEGMENT_HOST,
@@ -180,7 +181,7 @@ pub fn destination_segment<C: EbpfContext>(
     dport: u16,
 ) -> SegmentId {
     if is_local(netns_cookie, daddr) {
-        return owner_of_local_destination(ctx, netns_cookie, proto, daddr, dport);
+        return owner_of_local_destination(ctx, generation, netns_cookie, proto, daddr, dport);
     }
     remote_segment(generation, daddr)
 }
@@ -190,7 +191,7 @@ pub fn destination_segment<C: EbpfContext>(
 #[inline(always)]
 pub fn remote_segment(generation: u8, addr: &Addr) -> SegmentId {
     if let Some(seg) = unsafe { WORKLOAD_ADDRS.get(addr) } {
-        return seg.segment;
+        return seg.segment(generation);
     }
     let key = Key::new(CIDR_KEY_FIXED_BITS + 128, cidr_key_data(generation, &to_bytes(addr)));
     match CIDRS.get(&key) {

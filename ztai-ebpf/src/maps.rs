@@ -31,4 +31,4 @@ bpf_map!(EVENTS: RingBuf = RingBuf::with_byte_size(m::EVENTS_BYTES, 0));
 bpf_map!(CONNS: LruHashMap<TupleKey, Conn> = LruHashMap::with_max_entries(m::CONNS_MAX, 0));
 bpf_map!(SOCK_FLOWS: LruHashMap<u64, FlowKey> = LruHashMap::with_max_entries(m::SOCK_FLOWS_MAX, 0));
 bpf_map!(FLOWS: LruPerCpuHashMap<FlowKey, FlowCounters> = LruPerCpuHashMap::with_max_entries(m::FLOWS_MAX, 0));
-bpf_map!(WORKLOAD_ADDRS: HashMap<[u32; 4], SegmentRef> = HashMap::with_max_entries(m::WORKLOAD_ADDRS_MAX, 0));
+bpf_map!(WORKLOAD_ADDRS: HashMap<[u32; 4], CgroupLabel> = HashMap::with_max_entries(m::WORKLOAD_ADDRS_MAX, 0));

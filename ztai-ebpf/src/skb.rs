@@ -100,23 +100,108 @@ fn reversed(t: &TupleKey) -> TupleKey {
     TupleKey { saddr: t.daddr, daddr: t.saddr, sport: t.dport, dport: t.sport, proto: t.proto, _pad: [0; 3] }
 }
 
-/// Counts a packet of a known connection; false if the connection is unknown.
+/// Where a packet is seen: which end of its connection runs this hook.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Side {
+    Egress,
+    Ingress,
+}
+
+/// Live policy: (map slot, epoch), or None before any policy is loaded.
 #[inline(always)]
-fn count_known(p: &Packet, here: u8) -> bool {
-    if let Some(c) = unsafe { CONNS.get(&p.tuple) } {
-        // Travelling initiator → responder.
-        if c.counted_by == here {
-            add(&c.flow, ORIG, p.packets, p.bytes);
+fn live_policy() -> Option<(u8, u16)> {
+    let c = CONFIG.get(0)?;
+    (c.flags & CONFIG_FLAG_POLICY_LOADED != 0).then(|| (ztai_common::generation_slot(c.active_gen), c.active_gen as u16))
+}
+
+/// Handles a packet of a connection already in `CONNS`: counts it on the
+/// counting side and, if the policy changed since the connection was judged,
+/// judges it again — a connection the new policy denies is dropped
+/// (revoked) and reported once. None if the connection is unknown.
+#[inline(always)]
+fn follow_known(ctx: &SkBuffContext, p: &Packet, side: Side) -> Option<i32> {
+    // Travelling initiator → responder (orig) or back (reply)?
+    let (key, orig) = if unsafe { CONNS.get(&p.tuple) }.is_some() {
+        (p.tuple, true)
+    } else {
+        let r = reversed(&p.tuple);
+        unsafe { CONNS.get(&r) }?;
+        (r, false)
+    };
+    let c = CONNS.get_ptr_mut(&key)?;
+    let mut conn = unsafe { *c };
+    if let Some((slot, epoch)) = live_policy() {
+        if conn.epoch != epoch {
+            rejudge(ctx, p, side, orig, slot, epoch, &mut conn);
+            unsafe { *c = conn };
         }
-        return true;
     }
-    if let Some(c) = unsafe { CONNS.get(&reversed(&p.tuple)) } {
-        if c.counted_by == here {
-            add(&c.flow, REPLY, p.packets, p.bytes);
-        }
-        return true;
+    if conn.flow.verdict == VERDICT_DENY {
+        count(ztai_common::COUNTER_REVOKED);
+        return Some(DROP);
     }
-    false
+    // This socket is the initiator when it sends orig or receives a reply;
+    // only the end named by `counted_by` counts, so each packet counts once.
+    let here = if (side == Side::Egress) == orig { COUNTED_BY_INITIATOR } else { COUNTED_BY_RESPONDER };
+    if conn.counted_by == here {
+        add(&conn.flow, orig, p.packets, p.bytes);
+    }
+    Some(PASS)
+}
+
+/// Judges an established connection under the live generation. This end's
+/// segment is read again from its cgroup (it may have been relabeled); a
+/// remote peer's from its address; a local peer keeps its recorded segment
+/// (its own hooks judge its end).
+#[inline(always)]
+fn rejudge(ctx: &SkBuffContext, p: &Packet, side: Side, orig: bool, slot: u8, epoch: u16, conn: &mut Conn) {
+    // This end is the initiator when it sends orig or receives a reply.
+    let here_is_initiator = (side == Side::Egress) == orig;
+    let peer_addr = if side == Side::Egress { p.tuple.daddr } else { p.tuple.saddr };
+    let (here_segment, cgroup_id) = skb_segment(ctx, slot);
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    let (mut src, mut dst) = (conn.flow.src, conn.flow.dst);
+    let peer_segment = if crate::identity::is_local(netns, &peer_addr) {
+        if here_is_initiator { dst } else { src }
+    } else {
+        remote_segment(slot, &peer_addr)
+    };
+    if here_is_initiator {
+        src = here_segment;
+        dst = peer_segment;
+    } else {
+        src = peer_segment;
+        dst = here_segment;
+    }
+    let v = decide(slot, src, dst, conn.flow.proto, conn.flow.dst_port);
+    let was_denied = conn.flow.verdict == VERDICT_DENY;
+    conn.epoch = epoch;
+    conn.flow.src = src;
+    conn.flow.dst = dst;
+    conn.flow.verdict = v.verdict;
+    if v.verdict != VERDICT_ALLOW && !was_denied {
+        // Once per connection: later packets find it already judged.
+        let (src_addr, src_port, dst_addr) = if orig {
+            (p.tuple.saddr, p.tuple.sport, p.tuple.daddr)
+        } else {
+            (p.tuple.daddr, p.tuple.dport, p.tuple.saddr)
+        };
+        let reason = if v.verdict == VERDICT_DENY { ztai_common::REASON_REVOKED } else { v.reason };
+        let flow = Flow {
+            cgroup_id,
+            sock_cookie: 0,
+            src_segment: src,
+            dst_segment: dst,
+            src_addr,
+            dst_addr,
+            src_port,
+            dst_port: conn.flow.dst_port,
+            proto: conn.flow.proto,
+            direction: if side == Side::Ingress { DIRECTION_INGRESS } else { ztai_common::DIRECTION_EGRESS },
+            hook: if side == Side::Ingress { HOOK_SKB_INGRESS } else { ztai_common::HOOK_SKB_EGRESS },
+        };
+        report_without_task(&flow, v.verdict, reason);
+    }
 }
 
 /// The flow connect/sendmsg authorized for this socket, if this packet
@@ -132,12 +217,13 @@ fn authorized_flow(ctx: &SkBuffContext, peer: &Addr, peer_port: u16) -> Option<F
 /// made at connect/sendmsg; this only counts, on the initiator's side.
 pub fn egress(ctx: &SkBuffContext) -> i32 {
     let Parsed::Packet(p) = parse(ctx) else { return PASS };
-    if count_known(&p, COUNTED_BY_INITIATOR) {
-        return PASS;
+    if let Some(verdict) = follow_known(ctx, &p, Side::Egress) {
+        return verdict;
     }
     // First packet of a connection this socket initiated.
     if let Some(flow) = authorized_flow(ctx, &p.tuple.daddr, p.tuple.dport) {
-        let conn = Conn { flow, counted_by: COUNTED_BY_INITIATOR, _pad: [0; 3] };
+        let epoch = live_policy().map(|(_, e)| e).unwrap_or(0);
+        let conn = Conn { flow, epoch, counted_by: COUNTED_BY_INITIATOR, _pad: 0 };
         let _ = CONNS.insert(&p.tuple, &conn, 0);
         add(&flow, ORIG, p.packets, p.bytes);
     }
@@ -168,23 +254,25 @@ pub fn ingress(ctx: &SkBuffContext) -> i32 {
         Parsed::Other => return PASS,
         Parsed::Unparseable => return judge_unparseable(ctx),
     };
-    if count_known(&p, COUNTED_BY_RESPONDER) {
-        return PASS;
+    if let Some(verdict) = follow_known(ctx, &p, Side::Ingress) {
+        return verdict;
     }
-    // A reply to a connection of ours whose entry was evicted: restore it.
+    // A reply to a connection of ours whose entry was evicted: restore it
+    // (judged under the generation its socket's flow was authorized in; the
+    // next packet re-judges it if that has changed).
     if let Some(flow) = authorized_flow(ctx, &p.tuple.saddr, p.tuple.sport) {
-        let conn = Conn { flow, counted_by: COUNTED_BY_INITIATOR, _pad: [0; 3] };
+        let conn = Conn { flow, epoch: 0, counted_by: COUNTED_BY_INITIATOR, _pad: 0 };
         let _ = CONNS.insert(&reversed(&p.tuple), &conn, 0);
         add(&flow, REPLY, p.packets, p.bytes);
         return PASS;
     }
 
     // A connection from outside the attach point: judge it here.
-    let (generation, loaded) = match CONFIG.get(0) {
-        Some(c) => (c.active_gen as u8, c.flags & CONFIG_FLAG_POLICY_LOADED != 0),
-        None => (0, false),
+    let (generation, epoch, loaded) = match live_policy() {
+        Some((slot, epoch)) => (slot, epoch, true),
+        None => (0, 0, false),
     };
-    let (dst, cgroup_id) = skb_segment(ctx);
+    let (dst, cgroup_id) = skb_segment(ctx, generation);
     let src = sender_segment(ctx, generation, &p.tuple.saddr);
     let v = if loaded {
         decide(generation, src, dst, p.tuple.proto, p.tuple.dport)
@@ -212,7 +300,7 @@ pub fn ingress(ctx: &SkBuffContext) -> i32 {
         }
         count(COUNTER_AUDITED);
     }
-    let conn = Conn { flow, counted_by: COUNTED_BY_RESPONDER, _pad: [0; 3] };
+    let conn = Conn { flow, epoch, counted_by: COUNTED_BY_RESPONDER, _pad: 0 };
     let _ = CONNS.insert(&p.tuple, &conn, 0);
     PASS
 }
@@ -238,11 +326,11 @@ fn report_ingress(p: &Packet, src: u32, dst: u32, cgroup_id: u64, verdict: u8, r
 /// TCP/UDP we cannot read: a labeled receiver drops it (fail closed).
 #[inline(always)]
 fn judge_unparseable(ctx: &SkBuffContext) -> i32 {
-    let (dst, cgroup_id) = skb_segment(ctx);
+    let generation = live_policy().map(|(slot, _)| slot).unwrap_or(0);
+    let (dst, cgroup_id) = skb_segment(ctx, generation);
     if dst == SEGMENT_HOST {
         return PASS;
     }
-    let generation = CONFIG.get(0).map(|c| c.active_gen as u8).unwrap_or(0);
     let v = deny_or_audit(generation, SEGMENT_HOST, dst, REASON_UNPARSEABLE);
     let p = Packet { tuple: TupleKey::default(), bytes: ctx.len() as u64, packets: 1 };
     report_ingress(&p, ztai_common::SEGMENT_WORLD, dst, cgroup_id, v.verdict, v.reason);

@@ -51,7 +51,8 @@ fn record_bound_socket(ctx: &SockContext, key: SocketKey) -> i32 {
     if key.proto != PROTO_TCP && key.proto != PROTO_UDP {
         return PASS;
     }
-    let (segment, cgroup_id) = current_segment();
+    let generation = crate::maps::CONFIG.get(0).map(|c| ztai_common::generation_slot(c.active_gen)).unwrap_or(0);
+    let (segment, cgroup_id) = current_segment(generation);
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // Unlabeled owners are recorded too: the entry keeps the cgroup id, so a
     // later policy that labels that cgroup applies to its existing listeners.

@@ -87,7 +87,11 @@ pub fn authorize_egress<const V6: bool>(ctx: &SockAddrContext, hook: u8) -> i32 
     let sa = ctx.sock_addr;
     let sk: *const bpf_sock = unsafe { (*sa).__bindgen_anon_1.sk };
     let proto = read_u32(unsafe { &(*sa).protocol }) as u8;
-    let (src, cgroup_id) = current_segment();
+    let (generation, config_flags) = match CONFIG.get(0) {
+        Some(c) => (ztai_common::generation_slot(c.active_gen), c.flags),
+        None => (0, 0),
+    };
+    let (src, cgroup_id) = current_segment(generation);
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let (src_addr, src_port) = match socket_key(sk, netns) {
@@ -108,10 +112,6 @@ pub fn authorize_egress<const V6: bool>(ctx: &SockAddrContext, hook: u8) -> i32 
         hook,
     };
 
-    let (generation, config_flags) = match CONFIG.get(0) {
-        Some(c) => (c.active_gen as u8, c.flags),
-        None => (0, 0),
-    };
     if config_flags & CONFIG_FLAG_POLICY_LOADED == 0 {
         // Attached before any policy was written: nothing is known, deny.
         return finish(&flow, Verdict { verdict: VERDICT_DENY, reason: REASON_NO_POLICY });

@@ -392,7 +392,8 @@ fn echo_one_line(stream: TcpStream) {
             let _ = (&stream).write_all(line.as_bytes());
         }
         Some(want) => {
-            let got = io::copy(&mut io::Read::take(&mut reader, want), &mut io::sink()).unwrap_or(0);
+            let got =
+                io::copy(&mut io::Read::take(&mut reader, want), &mut io::sink()).unwrap_or(0);
             let _ = (&stream).write_all(format!("received {got}\n").as_bytes());
         }
     }

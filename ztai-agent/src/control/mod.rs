@@ -119,6 +119,7 @@ mod test_util {
                 flow_table_evictions: 5,
                 socket_table_full: 0,
                 udp_replies: 9,
+                ..Default::default()
             },
             flows: vec![
                 flow("inference", "vectordb", IpAddr::V4(Ipv4Addr::new(10, 0, 0, 5)), 6333, "allow", (2_048, 1_572_864)),

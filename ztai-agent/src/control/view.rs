@@ -43,19 +43,26 @@ pub fn render_table(snapshot: &Snapshot, width: usize) -> String {
     out
 }
 
+/// `n` scaled by `step` until it shows as at most three digits and one
+/// decimal; the 0.05 margin keeps rounding from printing "1024.0 KiB".
+fn scaled(n: u64, step: f64, units: &[&str], sep: &str) -> String {
+    let mut v = n as f64;
+    for unit in units {
+        v /= step;
+        if v < step - 0.05 {
+            return format!("{v:.1}{sep}{unit}");
+        }
+    }
+    // Unreachable for u64 with the unit lists below; still a number.
+    format!("{v:.1}{sep}{}", units.last().copied().unwrap_or(""))
+}
+
 /// Bytes in IEC units ("512 B", "1.5 KiB", "5.0 GiB").
 fn human_bytes(n: u64) -> String {
-    const UNITS: [&str; 6] = ["KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
     if n < 1024 {
         return format!("{n} B");
     }
-    let mut v = n as f64 / 1024.0;
-    let mut unit = 0;
-    while v >= 1024.0 && unit + 1 < UNITS.len() {
-        v /= 1024.0;
-        unit += 1;
-    }
-    format!("{v:.1} {}", UNITS[unit])
+    scaled(n, 1024.0, &["KiB", "MiB", "GiB", "TiB", "PiB", "EiB"], " ")
 }
 
 /// Counts exact below 10 000 (where every digit is still readable), then SI.
@@ -63,13 +70,7 @@ fn human_count(n: u64) -> String {
     if n < 10_000 {
         return n.to_string();
     }
-    let (v, suffix) = match n {
-        ..1_000_000 => (n as f64 / 1e3, "k"),
-        ..1_000_000_000 => (n as f64 / 1e6, "M"),
-        ..1_000_000_000_000 => (n as f64 / 1e9, "G"),
-        _ => (n as f64 / 1e12, "T"),
-    };
-    format!("{v:.1}{suffix}")
+    scaled(n, 1000.0, &["k", "M", "G", "T", "P", "E"], "")
 }
 
 fn char_len(s: &str) -> usize {
@@ -255,6 +256,9 @@ mod tests {
         assert_eq!(human_count(9_999), "9999");
         assert_eq!(human_count(12_345), "12.3k");
         assert_eq!(human_count(53_687_092), "53.7M");
+        assert_eq!(human_count(999_960), "1.0M");
+        assert_eq!(human_bytes((1 << 20) - 10), "1.0 MiB");
+        assert_eq!(human_count(u64::MAX), "18.4E");
     }
 
     #[test]

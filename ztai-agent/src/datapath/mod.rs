@@ -10,7 +10,7 @@ use aya::{
     programs::{CgroupAttachMode, ProgramError},
 };
 use ztai_common::{
-    CONFIG_FLAG_LABELS_INCOMPLETE, CONFIG_FLAG_POLICY_LOADED, CgroupLabel, Config, FlowCounters, FlowKey, LocalAddrKey, SegmentRef,
+    CONFIG_FLAG_LABELS_INCOMPLETE, CONFIG_FLAG_POLICY_LOADED, CgroupLabel, Config, FlowCounters, FlowKey, LocalAddrKey,
     MAX_SEGMENTS, SegmentId, SocketKey, SocketOwner, maps as m,
 };
 
@@ -113,14 +113,17 @@ impl Datapath {
         self.ebpf.map_mut(name).ok_or(DatapathError::MissingMap(name))
     }
 
-    /// Writes a compiled policy (its generation's entries), then switches the
-    /// kernel to that generation with one array update.
-    pub fn apply_policy(&mut self, compiled: &CompiledPolicy) -> Result<(), DatapathError> {
-        let generation = compiled.generation as u32;
+    /// Writes a compiled policy's entries into its slot (`compiled.generation`).
+    /// Nothing reads that slot until `switch_generation` makes it live. On
+    /// error the caller retires what was written.
+    pub fn write_policy(&mut self, compiled: &CompiledPolicy) -> Result<(), DatapathError> {
+        let slot = compiled.generation as u32;
         {
             let mut flags: Array<_, u32> = Array::try_from(self.map_mut(m::SEGMENT_FLAGS)?).map_err(map_err(m::SEGMENT_FLAGS, "open"))?;
-            for (id, f) in compiled.segment_flags.iter().enumerate() {
-                flags.set(generation * MAX_SEGMENTS + id as u32, *f, 0).map_err(map_err(m::SEGMENT_FLAGS, "set"))?;
+            for id in 0..MAX_SEGMENTS {
+                // Ids absent from this policy are written too: 0 = enforce, undeclared.
+                let f = compiled.segment_flags.get(id as usize).copied().unwrap_or(0);
+                flags.set(slot * MAX_SEGMENTS + id, f, 0).map_err(map_err(m::SEGMENT_FLAGS, "set"))?;
             }
         }
         {
@@ -151,9 +154,47 @@ impl Datapath {
                 cidrs.insert(&Key::new(*prefix, *data), v, 0).map_err(map_err(m::CIDRS, "insert"))?;
             }
         }
-        self.config.active_gen = generation;
+        Ok(())
+    }
+
+    /// Makes generation `number` live: one array update, so every program
+    /// sees either the old policy or the new one, never a mix.
+    pub fn switch_generation(&mut self, number: u32) -> Result<(), DatapathError> {
+        self.config.active_gen = number;
         self.config.flags |= CONFIG_FLAG_POLICY_LOADED;
         self.write_config()
+    }
+
+    /// Removes a generation's rule and cidr entries. Called only once that
+    /// generation is no longer live and programs that read it have finished.
+    pub fn retire_policy(&mut self, compiled: &CompiledPolicy) -> Result<(), DatapathError> {
+        fn gone(r: Result<(), MapError>) -> Result<(), MapError> {
+            match r {
+                Err(MapError::KeyNotFound) => Ok(()),
+                other => other,
+            }
+        }
+        let mut pairs: HashMap<_, ztai_common::PairKey, ztai_common::PairValue> =
+            HashMap::try_from(self.map_mut(m::RULE_PAIRS)?).map_err(map_err(m::RULE_PAIRS, "open"))?;
+        for (k, _) in &compiled.pairs {
+            gone(pairs.remove(k)).map_err(map_err(m::RULE_PAIRS, "remove"))?;
+        }
+        let mut ports: HashMap<_, ztai_common::PortKey, ztai_common::RuleRef> =
+            HashMap::try_from(self.map_mut(m::RULE_PORTS)?).map_err(map_err(m::RULE_PORTS, "open"))?;
+        for (k, _) in &compiled.ports {
+            gone(ports.remove(k)).map_err(map_err(m::RULE_PORTS, "remove"))?;
+        }
+        let mut ranges: LpmTrie<_, [u8; ztai_common::RANGE_KEY_BYTES], ztai_common::RuleRef> =
+            LpmTrie::try_from(self.map_mut(m::RULE_RANGES)?).map_err(map_err(m::RULE_RANGES, "open"))?;
+        for (prefix, data, _) in &compiled.ranges {
+            gone(ranges.remove(&Key::new(*prefix, *data))).map_err(map_err(m::RULE_RANGES, "remove"))?;
+        }
+        let mut cidrs: LpmTrie<_, [u8; ztai_common::CIDR_KEY_BYTES], ztai_common::SegmentRef> =
+            LpmTrie::try_from(self.map_mut(m::CIDRS)?).map_err(map_err(m::CIDRS, "open"))?;
+        for (prefix, data, _) in &compiled.cidrs {
+            gone(cidrs.remove(&Key::new(*prefix, *data))).map_err(map_err(m::CIDRS, "remove"))?;
+        }
+        Ok(())
     }
 
     fn write_config(&mut self) -> Result<(), DatapathError> {
@@ -165,13 +206,13 @@ impl Datapath {
     /// Labels cgroups; returns the ids that could not be written. Any failure
     /// sets the kernel's fail-closed flag for unlabeled traffic, since one of
     /// those cgroups may be a labeled workload passing as `host`.
-    pub fn set_cgroup_labels(&mut self, labels: &[(u64, SegmentId)]) -> Result<Vec<u64>, DatapathError> {
+    pub fn set_cgroup_labels(&mut self, labels: &[(u64, CgroupLabel)]) -> Result<Vec<u64>, DatapathError> {
         let mut failed = Vec::new();
         {
             let mut map: HashMap<_, u64, CgroupLabel> =
                 HashMap::try_from(self.map_mut(m::CGROUP_LABELS)?).map_err(map_err(m::CGROUP_LABELS, "open"))?;
-            for (id, segment) in labels {
-                if map.insert(id, CgroupLabel { segment: *segment, _pad: 0 }, 0).is_err() {
+            for (id, label) in labels {
+                if map.insert(id, label, 0).is_err() {
                     failed.push(*id);
                 }
             }
@@ -318,10 +359,10 @@ impl Datapath {
     /// Makes the kernel's workload-address map equal `wanted` (addresses of
     /// labeled workloads living in their own network namespaces).
     pub fn sync_workload_addrs(&mut self, wanted: &std::collections::BTreeMap<IpAddr, SegmentId>) -> Result<(), DatapathError> {
-        let mut map: HashMap<_, [u32; 4], SegmentRef> =
+        let mut map: HashMap<_, [u32; 4], CgroupLabel> =
             HashMap::try_from(self.map_mut(m::WORKLOAD_ADDRS)?).map_err(map_err(m::WORKLOAD_ADDRS, "open"))?;
-        let want: std::collections::BTreeMap<[u32; 4], SegmentId> =
-            wanted.iter().map(|(ip, seg)| (words_from_ip(*ip), *seg)).collect();
+        let want: std::collections::BTreeMap<[u32; 4], CgroupLabel> =
+            wanted.iter().map(|(ip, seg)| (words_from_ip(*ip), CgroupLabel::same(*seg))).collect();
         let present: Vec<[u32; 4]> = map.keys().filter_map(Result::ok).collect();
         for k in present.iter().filter(|k| !want.contains_key(*k)) {
             match map.remove(k) {
@@ -329,9 +370,9 @@ impl Datapath {
                 Err(e) => return Err(map_err(m::WORKLOAD_ADDRS, "remove")(e)),
             }
         }
-        for (k, seg) in &want {
-            if map.get(k, 0).ok().map(|v| v.segment) != Some(*seg) {
-                map.insert(k, SegmentRef { segment: *seg }, 0).map_err(map_err(m::WORKLOAD_ADDRS, "insert"))?;
+        for (k, label) in &want {
+            if map.get(k, 0).ok() != Some(*label) {
+                map.insert(k, label, 0).map_err(map_err(m::WORKLOAD_ADDRS, "insert"))?;
             }
         }
         Ok(())

@@ -3,5 +3,6 @@
 pub mod cgroup_watch;
 pub mod cgroups;
 pub mod local_addrs;
+pub mod policy_file;
 pub mod sockets;
 pub mod workloads;

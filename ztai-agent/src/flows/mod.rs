@@ -44,6 +44,13 @@ pub struct Totals {
     pub flow_table_evictions: u64,
     pub socket_table_full: u64,
     pub udp_replies: u64,
+    /// Policy reloads rejected (invalid file, or the kernel refused entries).
+    #[serde(default)]
+    pub reload_errors: u64,
+    /// Packets of established connections dropped after a reload or relabel
+    /// revoked them.
+    #[serde(default)]
+    pub revoked_packets: u64,
 }
 
 /// Everything observable at one instant.

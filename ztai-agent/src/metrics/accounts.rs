@@ -146,6 +146,8 @@ pub(crate) struct TotalCounters {
     pub audited: Monotonic,
     pub events_dropped: Monotonic,
     pub flow_table_evictions: Monotonic,
+    pub reload_errors: Monotonic,
+    pub revoked_packets: Monotonic,
 }
 
 impl TotalCounters {
@@ -155,6 +157,8 @@ impl TotalCounters {
         self.audited.observe(t.audited);
         self.events_dropped.observe(t.events_dropped);
         self.flow_table_evictions.observe(t.flow_table_evictions);
+        self.reload_errors.observe(t.reload_errors);
+        self.revoked_packets.observe(t.revoked_packets);
     }
 }
 

@@ -148,6 +148,8 @@ impl Collector for StateCollector {
         let counters = [
             ("ztai_events_dropped", "Violation events lost because the event ring buffer was full.", t.events_dropped.get()),
             ("ztai_flow_table_evictions", "Flows evicted from the kernel's LRU flow table.", t.flow_table_evictions.get()),
+            ("ztai_policy_reload_errors", "Policy reloads rejected; the previous policy stayed in force.", t.reload_errors.get()),
+            ("ztai_revoked_packets", "Packets of established connections dropped after a reload or relabel revoked them.", t.revoked_packets.get()),
         ];
         for (name, help, n) in counters {
             let m = ConstCounter::new(n);

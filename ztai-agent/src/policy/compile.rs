@@ -46,10 +46,16 @@ pub fn describe_ports(proto: u8, port: u16) -> String {
 pub fn compile(policy: &Policy, generation: u8) -> CompiledPolicy {
     let mut out = CompiledPolicy { generation, ..CompiledPolicy::default() };
 
-    out.segment_flags = vec![SEGMENT_FLAG_AUDIT; SEGMENT_FIRST_DECLARED as usize];
+    // Indexed by segment id; ids may have gaps after `Policy::renumber`
+    // (segments removed by a reload), which stay 0: enforce, undeclared.
+    let max_id = policy.segments.iter().map(|s| s.id).max().unwrap_or(SEGMENT_FIRST_DECLARED - 1);
+    out.segment_flags = vec![0; max_id as usize + 1];
+    for flags in out.segment_flags.iter_mut().take(SEGMENT_FIRST_DECLARED as usize) {
+        *flags = SEGMENT_FLAG_AUDIT;
+    }
     for segment in &policy.segments {
         let audit = if segment.mode == Mode::Audit { SEGMENT_FLAG_AUDIT } else { 0 };
-        out.segment_flags.push(SEGMENT_FLAG_DECLARED | audit);
+        out.segment_flags[segment.id as usize] = SEGMENT_FLAG_DECLARED | audit;
     }
 
     // Maps from key to position in `out`, to merge flags and keep the first rule.

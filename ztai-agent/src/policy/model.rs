@@ -3,7 +3,7 @@
 use std::fmt;
 
 use globset::GlobMatcher;
-use ztai_common::{PROTO_TCP, PROTO_UDP, SEGMENT_FIRST_DECLARED, SEGMENT_HOST, SEGMENT_WORLD, SegmentId};
+use ztai_common::{PROTO_TCP, PROTO_UDP, SEGMENT_HOST, SEGMENT_WORLD, SegmentId};
 
 use super::Span;
 
@@ -60,8 +60,23 @@ impl Policy {
 
     /// The declared segment with this id.
     pub fn segment(&self, id: SegmentId) -> Option<&Segment> {
-        let index = id.checked_sub(SEGMENT_FIRST_DECLARED)?;
-        self.segments.get(usize::try_from(index).ok()?)
+        // Ids follow file order when parsed, but `renumber` may change them.
+        self.segments.iter().find(|s| s.id == id)
+    }
+
+    /// Gives declared segments the ids `assign` picks by name (the agent
+    /// keeps a segment's kernel id stable across reloads), rewriting rules.
+    pub fn renumber(&mut self, assign: &mut dyn FnMut(&str) -> SegmentId) {
+        let map: std::collections::HashMap<SegmentId, SegmentId> =
+            self.segments.iter().map(|s| (s.id, assign(&s.name))).collect();
+        let new = |id: SegmentId| map.get(&id).copied().unwrap_or(id);
+        for s in &mut self.segments {
+            s.id = new(s.id);
+        }
+        for r in &mut self.rules {
+            r.from = new(r.from);
+            r.to = new(r.to);
+        }
     }
 
     /// Declared segments whose cgroup selectors match `rel_path` (relative to

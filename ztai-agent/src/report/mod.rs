@@ -109,6 +109,10 @@ pub fn reason_text(ev: &ViolationEvent, names: &dyn Names) -> String {
             "the agent could not label every cgroup, so unlabeled traffic under the attach point fails closed".to_string()
         }
         REASON_NO_POLICY => "no policy is loaded yet, so everything under the attach point fails closed".to_string(),
+        ztai_common::REASON_REVOKED => format!(
+            "connection revoked: the policy now in force no longer allows {src} -> {dst} {proto}/{}",
+            ev.dst_port
+        ),
         ztai_common::REASON_UNPARSEABLE => format!(
             "inbound IPv6 packet to {dst} carries extension headers ztai cannot read past, so it is dropped"
         ),
@@ -152,6 +156,8 @@ pub fn render(ev: &ViolationEvent, names: &dyn Names) -> Value {
             "hook": hook_name(ev.hook),
         });
     }
+    // Events raised in packet context name no task.
+    let has_task = ev.pid_tgid != 0;
     json!({
         "ts": wall_time_of(ev.ts_ns),
         "verdict": verdict,
@@ -161,9 +167,9 @@ pub fn render(ev: &ViolationEvent, names: &dyn Names) -> Value {
             "segment": names.segment_name(ev.src_segment),
             "cgroup": names.cgroup_path(ev.cgroup_id),
             "cgroup_id": ev.cgroup_id,
-            "pid": (ev.pid_tgid >> 32) as u32,
-            "comm": String::from_utf8_lossy(&ev.comm[..comm_len]),
-            "uid": ev.uid_gid as u32,
+            "pid": if has_task { Value::from((ev.pid_tgid >> 32) as u32) } else { Value::Null },
+            "comm": if has_task { Value::from(String::from_utf8_lossy(&ev.comm[..comm_len])) } else { Value::Null },
+            "uid": if has_task { Value::from(ev.uid_gid as u32) } else { Value::Null },
             "addr": addr_json(ev.src_addr),
             "port": port_json(ev.src_port),
         },

@@ -1,0 +1,551 @@
+//! Ingress enforcement: a labeled workload accepts connections and datagrams only from sources a
+//! rule permits. Connections started outside the attach subtree (a remote host, an unlabeled
+//! local process elsewhere on the machine) are judged at the receiver by the cgroup_skb ingress
+//! program: a denied TCP SYN is dropped (the client's connect() times out, it is neither refused
+//! nor rejected locally) and reported as one `"direction":"ingress"` JSON line.
+//!
+//! Fixed policy ports of this file: 27540-27559 (servers in the host namespace: one set per test,
+//! since the tests of a file run in parallel).
+
+use std::net::{IpAddr, SocketAddr};
+use std::os::unix::fs::MetadataExt;
+
+use serde_json::Value;
+
+use ztai_tests::probe::exit;
+use ztai_tests::time::{now_unix, parse_rfc3339};
+use ztai_tests::{
+    Agent, Cgroup, DEFAULT_TIMEOUT, Denial, Policy, Probe, ProbeCmd, ProbeOutcome, RemoteHost,
+    TestCgroup, require_root,
+};
+
+/// One test's ports.
+struct Ports {
+    /// enterprise -> inference (tcp), also allowed orchestrator -> inference.
+    inbound_tcp: u16,
+    /// No rule names this port towards inference.
+    closed_tcp: u16,
+    /// enterprise -> inference (udp).
+    inbound_udp: u16,
+}
+
+/// orchestrator -> enterprise (servers inside the remote host's own namespace).
+const OUTBOUND_TCP: u16 = 27558;
+const OUTBOUND_UDP: u16 = 27559;
+
+/// Short client deadline for connections that must never complete: SYNs are dropped, so the
+/// client waits this long and then reports ETIMEDOUT (exit 7).
+const DROPPED_MS: u64 = 1500;
+
+fn policy(cg: &TestCgroup, remote: &RemoteHost, p: &Ports) -> Policy {
+    Policy::enforce(cg)
+        .cgroups("orchestrator", &["orch"])
+        .cgroups("inference", &["inf"])
+        .cidrs("enterprise", &[remote.v4_cidr(), remote.v6_cidr()])
+        .allow(
+            "enterprise",
+            "inference",
+            &[
+                format!("{}/tcp", p.inbound_tcp),
+                format!("{}/udp", p.inbound_udp),
+            ],
+        )
+        .allow(
+            "orchestrator",
+            "inference",
+            &[format!("{}/tcp", p.inbound_tcp)],
+        )
+        .allow(
+            "orchestrator",
+            "enterprise",
+            &[format!("{OUTBOUND_TCP}/tcp"), format!("{OUTBOUND_UDP}/udp")],
+        )
+}
+
+/// The cgroup id the kernel uses (the cgroup directory's inode number on cgroup2).
+fn cgroup_id(cg: &Cgroup) -> u64 {
+    std::fs::metadata(cg.path())
+        .unwrap_or_else(|e| panic!("stat {}: {e}", cg.path().display()))
+        .ino()
+}
+
+/// What an ingress denial line must say.
+struct Inbound<'a> {
+    proto: &'a str,
+    src_segment: &'a str,
+    /// The client's bound address (the probe printed it).
+    src: SocketAddr,
+    dst_segment: &'a str,
+    dst_cgroup: &'a Cgroup,
+    dst: SocketAddr,
+}
+
+/// Waits for the ingress report of the packet(s) from `want.src` and checks it field by field.
+#[track_caller]
+fn expect_ingress_report(agent: &Agent, want: &Inbound<'_>) -> Value {
+    let src_ip = want.src.ip().to_canonical().to_string();
+    let v = agent.wait_violation(DEFAULT_TIMEOUT, |v| {
+        v["direction"] == "ingress"
+            && v["src"]["addr"] == src_ip.as_str()
+            && v["src"]["port"] == want.src.port()
+    });
+    let ts = v["ts"].as_str().unwrap_or_else(|| panic!("ts: {v}"));
+    let t = parse_rfc3339(ts).unwrap_or_else(|| panic!("ts {ts:?} is not RFC 3339: {v}"));
+    assert!(
+        (now_unix() - t).abs() < 120.0,
+        "ts {ts:?} is not close to now: {v}"
+    );
+    assert_eq!(v["verdict"], "deny", "{v}");
+    assert_eq!(v["direction"], "ingress", "{v}");
+    assert_eq!(v["hook"], "skb_ingress", "{v}");
+    assert_eq!(v["proto"], want.proto, "{v}");
+
+    let src = &v["src"];
+    assert_eq!(src["segment"], want.src_segment, "src.segment: {v}");
+    for k in ["cgroup", "pid", "comm", "uid"] {
+        assert!(
+            src.get(k).is_some_and(Value::is_null),
+            "src.{k} must be present and null (no local task is known at ingress): {v}"
+        );
+    }
+
+    let dst = &v["dst"];
+    assert_eq!(dst["segment"], want.dst_segment, "dst.segment: {v}");
+    assert_eq!(
+        dst["cgroup"],
+        want.dst_cgroup.proc_path().as_str(),
+        "dst.cgroup is the receiver's cgroup: {v}"
+    );
+    assert_eq!(
+        dst["cgroup_id"],
+        cgroup_id(want.dst_cgroup),
+        "dst.cgroup_id is the receiver's cgroup id: {v}"
+    );
+    assert_eq!(
+        dst["addr"],
+        want.dst.ip().to_canonical().to_string().as_str(),
+        "dst.addr: {v}"
+    );
+    assert_eq!(dst["port"], want.dst.port(), "dst.port: {v}");
+    assert_eq!(
+        v["reason"],
+        format!(
+            "no rule allows {} -> {} {}/{}",
+            want.src_segment,
+            want.dst_segment,
+            want.proto,
+            want.dst.port()
+        )
+        .as_str(),
+        "reason: {v}"
+    );
+    v
+}
+
+#[track_caller]
+fn bound(out: &ProbeOutcome) -> SocketAddr {
+    out.bound_addr()
+        .unwrap_or_else(|| panic!("the probe printed no `bound` line: {out}"))
+}
+
+/// Asserts the server never logged a line about `peer` (no accept, no echo).
+#[track_caller]
+fn assert_server_never_saw(server: &Probe, peer: SocketAddr) {
+    let ip = peer.ip().to_canonical();
+    let forms = [
+        format!(" {}:{}", ip, peer.port()),
+        format!(" [{}]:{}", ip, peer.port()),
+        format!(" [::ffff:{}]:{}", ip, peer.port()),
+    ];
+    let seen: Vec<String> = server
+        .lines()
+        .into_iter()
+        .filter(|l| forms.iter().any(|f| l.contains(f.as_str())))
+        .collect();
+    assert!(
+        seen.is_empty(),
+        "{} heard from {peer}, whose packets must have been dropped: {seen:?}",
+        server.description()
+    );
+}
+
+#[test]
+fn a_remote_source_a_rule_covers_connects_and_one_outside_every_rule_or_on_another_port_times_out_and_is_reported()
+ {
+    require_root!();
+    let p = Ports {
+        inbound_tcp: 27540,
+        closed_tcp: 27541,
+        inbound_udp: 27542,
+    };
+    let remote = RemoteHost::new();
+    let cg = TestCgroup::new();
+    let inf = cg.child("inf");
+    let agent = Agent::start_ready(&policy(&cg, &remote, &p), &cg);
+    // One server on the wildcard (dual-stack), one on the veth's host address only.
+    let open = ProbeCmd::tcp_listen(format!("[::]:{}", p.inbound_tcp))
+        .in_cgroup(&inf)
+        .spawn();
+    let closed = ProbeCmd::tcp_listen(SocketAddr::new(remote.host_v4(), p.closed_tcp))
+        .in_cgroup(&inf)
+        .spawn();
+    open.wait_listening();
+    closed.wait_listening();
+
+    for (host, enterprise, world) in [
+        (remote.host_v4(), remote.v4(), remote.world_v4()),
+        (remote.host_v6(), remote.v6(), remote.world_v6()),
+    ] {
+        let target = SocketAddr::new(host, p.inbound_tcp);
+        // enterprise -> inference on the allowed port: a full round trip.
+        let ok = ProbeCmd::tcp_connect(target)
+            .bind(SocketAddr::new(enterprise, 0))
+            .in_netns(remote.netns())
+            .run();
+        assert!(
+            ok.is_ok(),
+            "enterprise {enterprise} -> inference {target} is allowed by a rule: {ok}"
+        );
+
+        // world -> inference: no rule; the SYN is dropped, the handshake never completes.
+        let out = ProbeCmd::tcp_connect(target)
+            .bind(SocketAddr::new(world, 0))
+            .timeout_ms(DROPPED_MS)
+            .in_netns(remote.netns())
+            .run();
+        out.assert_timeout();
+        let src = bound(&out);
+        expect_ingress_report(
+            &agent,
+            &Inbound {
+                proto: "tcp",
+                src_segment: "world",
+                src,
+                dst_segment: "inference",
+                dst_cgroup: &inf,
+                dst: target,
+            },
+        );
+        assert_server_never_saw(&open, src);
+    }
+
+    // enterprise -> inference on a port no rule allows (server bound to the veth address).
+    let target = SocketAddr::new(remote.host_v4(), p.closed_tcp);
+    let out = ProbeCmd::tcp_connect(target)
+        .bind(SocketAddr::new(remote.v4(), 0))
+        .timeout_ms(DROPPED_MS)
+        .in_netns(remote.netns())
+        .run();
+    out.assert_timeout();
+    let src = bound(&out);
+    expect_ingress_report(
+        &agent,
+        &Inbound {
+            proto: "tcp",
+            src_segment: "enterprise",
+            src,
+            dst_segment: "inference",
+            dst_cgroup: &inf,
+            dst: target,
+        },
+    );
+    assert_server_never_saw(&closed, src);
+
+    // The allowed source still gets through afterwards (nothing is blocked wholesale).
+    ProbeCmd::tcp_connect(SocketAddr::new(remote.host_v4(), p.inbound_tcp))
+        .bind(SocketAddr::new(remote.v4(), 0))
+        .in_netns(remote.netns())
+        .run()
+        .assert_ok();
+}
+
+#[test]
+fn an_unlabeled_local_process_outside_the_attach_subtree_is_host_and_its_connection_to_a_labeled_server_is_dropped()
+ {
+    require_root!();
+    let p = Ports {
+        inbound_tcp: 27543,
+        closed_tcp: 27544,
+        inbound_udp: 27545,
+    };
+    let remote = RemoteHost::new(); // gives this host a non-loopback address of its own
+    let cg = TestCgroup::new();
+    let inf = cg.child("inf");
+    let agent = Agent::start_ready(&policy(&cg, &remote, &p), &cg);
+    let server = ProbeCmd::tcp_listen(format!("[::]:{}", p.inbound_tcp))
+        .in_cgroup(&inf)
+        .spawn();
+    server.wait_listening();
+
+    // The test process's own cgroup is outside the subtree: no connect hook sees these clients.
+    for host_ip in [
+        "127.0.0.1".parse::<IpAddr>().unwrap(),
+        "::1".parse().unwrap(),
+        remote.host_v4(),
+        remote.host_v6(),
+    ] {
+        let target = SocketAddr::new(host_ip, p.inbound_tcp);
+        let out = ProbeCmd::tcp_connect(target)
+            .bind(SocketAddr::new(host_ip, 0))
+            .timeout_ms(DROPPED_MS)
+            .run();
+        assert!(
+            out.is_timeout(),
+            "host {host_ip} -> inference: no rule allows it, so the SYN must be dropped at the \
+             receiver (timeout, not EPERM/ECONNREFUSED): {out}"
+        );
+        let src = bound(&out);
+        expect_ingress_report(
+            &agent,
+            &Inbound {
+                proto: "tcp",
+                src_segment: "host",
+                src,
+                dst_segment: "inference",
+                dst_cgroup: &inf,
+                dst: target,
+            },
+        );
+        assert_server_never_saw(&server, src);
+    }
+}
+
+#[test]
+fn udp_datagrams_from_a_denied_remote_source_never_reach_a_labeled_echo_server_and_are_reported() {
+    require_root!();
+    let p = Ports {
+        inbound_tcp: 27546,
+        closed_tcp: 27547,
+        inbound_udp: 27548,
+    };
+    let remote = RemoteHost::new();
+    let cg = TestCgroup::new();
+    let inf = cg.child("inf");
+    let agent = Agent::start_ready(&policy(&cg, &remote, &p), &cg);
+    let echo = ProbeCmd::udp_echo(format!("[::]:{}", p.inbound_udp))
+        .in_cgroup(&inf)
+        .spawn();
+    echo.wait_listening();
+
+    for (host, enterprise, world) in [
+        (remote.host_v4(), remote.v4(), remote.world_v4()),
+        (remote.host_v6(), remote.v6(), remote.world_v6()),
+    ] {
+        let target = SocketAddr::new(host, p.inbound_udp);
+        let ok = ProbeCmd::udp_send(target)
+            .bind(SocketAddr::new(enterprise, 0))
+            .expect_reply()
+            .in_netns(remote.netns())
+            .run();
+        assert!(
+            ok.is_ok(),
+            "enterprise {enterprise} -> inference {target}/udp is allowed, echo expected: {ok}"
+        );
+
+        let out = ProbeCmd::udp_send(target)
+            .bind(SocketAddr::new(world, 0))
+            .expect_reply()
+            .timeout_ms(DROPPED_MS)
+            .in_netns(remote.netns())
+            .run();
+        out.assert_code(exit::NO_REPLY);
+        let src = bound(&out);
+        expect_ingress_report(
+            &agent,
+            &Inbound {
+                proto: "udp",
+                src_segment: "world",
+                src,
+                dst_segment: "inference",
+                dst_cgroup: &inf,
+                dst: target,
+            },
+        );
+        assert_server_never_saw(&echo, src);
+    }
+
+    // A port only allowed for tcp is closed to udp from the same enterprise source.
+    let target = SocketAddr::new(remote.host_v4(), p.inbound_tcp);
+    let udp_on_tcp_port = ProbeCmd::udp_echo(format!("[::]:{}", p.inbound_tcp))
+        .in_cgroup(&inf)
+        .spawn();
+    udp_on_tcp_port.wait_listening();
+    let out = ProbeCmd::udp_send(target)
+        .bind(SocketAddr::new(remote.v4(), 0))
+        .expect_reply()
+        .timeout_ms(DROPPED_MS)
+        .in_netns(remote.netns())
+        .run();
+    out.assert_code(exit::NO_REPLY);
+    let src = bound(&out);
+    expect_ingress_report(
+        &agent,
+        &Inbound {
+            proto: "udp",
+            src_segment: "enterprise",
+            src,
+            dst_segment: "inference",
+            dst_cgroup: &inf,
+            dst: target,
+        },
+    );
+    assert_server_never_saw(&udp_on_tcp_port, src);
+}
+
+#[test]
+fn replies_to_allowed_connections_pass_both_for_a_labeled_client_going_out_and_for_an_allowed_inbound_connection()
+ {
+    require_root!();
+    let p = Ports {
+        inbound_tcp: 27549,
+        closed_tcp: 27550,
+        inbound_udp: 27551,
+    };
+    let remote = RemoteHost::new();
+    let cg = TestCgroup::new();
+    let orch = cg.child("orch");
+    let inf = cg.child("inf");
+    let agent = Agent::start_ready(&policy(&cg, &remote, &p), &cg);
+    let remote_tcp = ProbeCmd::tcp_listen(format!("[::]:{OUTBOUND_TCP}"))
+        .in_netns(remote.netns())
+        .spawn();
+    let remote_udp = ProbeCmd::udp_echo(format!("[::]:{OUTBOUND_UDP}"))
+        .in_netns(remote.netns())
+        .spawn();
+    let inbound = ProbeCmd::tcp_listen(format!("[::]:{}", p.inbound_tcp))
+        .in_cgroup(&inf)
+        .spawn();
+    let inbound_udp = ProbeCmd::udp_echo(format!("[::]:{}", p.inbound_udp))
+        .in_cgroup(&inf)
+        .spawn();
+    for p in [&remote_tcp, &remote_udp, &inbound, &inbound_udp] {
+        p.wait_listening();
+    }
+
+    let mut allowed = Vec::new();
+    for ip in [remote.v4(), remote.v6()] {
+        // Out: the SYN-ACK and the echo come back in through the ingress program.
+        let out = ProbeCmd::tcp_connect(SocketAddr::new(ip, OUTBOUND_TCP))
+            .in_cgroup(&orch)
+            .run();
+        assert!(
+            out.is_ok(),
+            "orchestrator -> enterprise {ip} round trip: {out}"
+        );
+        allowed.push(out.pid);
+        for connected in [false, true] {
+            let mut cmd = ProbeCmd::udp_send(SocketAddr::new(ip, OUTBOUND_UDP))
+                .in_cgroup(&orch)
+                .expect_reply()
+                .count(3);
+            if connected {
+                cmd = cmd.connected();
+            }
+            let out = cmd.run();
+            assert!(
+                out.is_ok(),
+                "orchestrator -> enterprise {ip}/udp: the echoes must come back in: {out}"
+            );
+            allowed.push(out.pid);
+        }
+    }
+    for (host, enterprise) in [
+        (remote.host_v4(), remote.v4()),
+        (remote.host_v6(), remote.v6()),
+    ] {
+        // In: the server's replies go out, the client's later segments come in.
+        let out = ProbeCmd::tcp_connect(SocketAddr::new(host, p.inbound_tcp))
+            .bind(SocketAddr::new(enterprise, 0))
+            .in_netns(remote.netns())
+            .run();
+        assert!(
+            out.is_ok(),
+            "enterprise -> inference {host} round trip: {out}"
+        );
+        let out = ProbeCmd::udp_send(SocketAddr::new(host, p.inbound_udp))
+            .bind(SocketAddr::new(enterprise, 0))
+            .expect_reply()
+            .count(3)
+            .in_netns(remote.netns())
+            .run();
+        assert!(
+            out.is_ok(),
+            "enterprise -> inference {host}/udp with echoes: {out}"
+        );
+    }
+
+    // Nothing of the above was reported: a later denial is, and it is the only line.
+    let marker = ProbeCmd::tcp_connect(SocketAddr::new(remote.v4(), p.closed_tcp))
+        .in_cgroup(&orch)
+        .run();
+    agent.assert_not_reported(&allowed, &marker);
+    let ingress: Vec<Value> = agent
+        .violations()
+        .into_iter()
+        .filter(|v| v["direction"] == "ingress")
+        .collect();
+    assert!(
+        ingress.is_empty(),
+        "allowed connections and their replies must not be reported: {ingress:#?}"
+    );
+}
+
+#[test]
+fn connections_started_inside_the_subtree_are_judged_at_connect_and_not_judged_again_at_the_receiver()
+ {
+    require_root!();
+    let p = Ports {
+        inbound_tcp: 27552,
+        closed_tcp: 27553,
+        inbound_udp: 27554,
+    };
+    let remote = RemoteHost::new();
+    let cg = TestCgroup::new();
+    let orch = cg.child("orch");
+    let inf = cg.child("inf");
+    let misc = cg.child("misc");
+    let agent = Agent::start_ready(&policy(&cg, &remote, &p), &cg);
+    let server = ProbeCmd::tcp_listen(format!("[::]:{}", p.inbound_tcp))
+        .in_cgroup(&inf)
+        .spawn();
+    server.wait_listening();
+
+    // orchestrator -> inference is allowed; no rule names `host` -> inference, which the receiver
+    // would apply if it re-judged a loopback connection by its local source address.
+    let mut allowed = Vec::new();
+    for target in [
+        format!("127.0.0.1:{}", p.inbound_tcp),
+        format!("[::1]:{}", p.inbound_tcp),
+        format!("{}:{}", remote.host_v4(), p.inbound_tcp),
+    ] {
+        let out = ProbeCmd::tcp_connect(&target).in_cgroup(&orch).run();
+        assert!(out.is_ok(), "orchestrator -> inference {target}: {out}");
+        allowed.push(out.pid);
+    }
+    // An unlabeled cgroup inside the subtree is `host`: refused at its own connect() (EPERM),
+    // not left to time out at the receiver.
+    let denied = ProbeCmd::tcp_connect(format!("127.0.0.1:{}", p.inbound_tcp))
+        .timeout_ms(5000)
+        .in_cgroup(&misc)
+        .run();
+    agent.expect_denied(
+        &denied,
+        &Denial {
+            proto: "tcp",
+            src_segment: "host",
+            dst_segment: "inference",
+            dst_addr: "127.0.0.1",
+            dst_port: p.inbound_tcp,
+        },
+    );
+    agent.assert_not_reported(&allowed, &denied);
+    let ingress: Vec<Value> = agent
+        .violations()
+        .into_iter()
+        .filter(|v| v["direction"] == "ingress")
+        .collect();
+    assert!(
+        ingress.is_empty(),
+        "connections from inside the subtree must not be judged at the receiver: {ingress:#?}"
+    );
+}
