@@ -119,6 +119,8 @@ pub struct Agent {
     /// Private directory of the control socket (removed on drop, after the agent exits).
     control_dir: TempDir,
     control_socket: PathBuf,
+    /// bpffs folder for this agent's pins (removed on drop).
+    pin_dir: PathBuf,
     status: Option<ExitStatus>,
     /// Set once [`Agent::diagnostics`] went into a message, so drop does not print it again.
     diagnostics_shown: Cell<bool>,
@@ -152,6 +154,10 @@ impl Agent {
         let policy = PolicyFile::write(yaml);
         let control_dir = TempDir::new("control");
         let control_socket = control_dir.path().join("agent.sock");
+        // ... and its own bpffs pin folder, named like its temp dir (unique).
+        let pin_dir = PathBuf::from("/sys/fs/bpf").join(
+            control_dir.path().file_name().expect("temp dir has a name"),
+        );
         let mut child = Command::new(&bin)
             .arg("run")
             .arg("--policy")
@@ -164,6 +170,10 @@ impl Agent {
             // ... and its own control socket (the default /run/ztai/agent.sock is one per host).
             .arg("--control-socket")
             .arg(&control_socket)
+            .arg("--pin-dir")
+            .arg(&pin_dir)
+            // Tests expect SIGTERM to leave nothing behind.
+            .arg("--detach-on-exit")
             .env("RUST_BACKTRACE", "1")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -181,9 +191,15 @@ impl Agent {
             cgroup_root,
             control_dir,
             control_socket,
+            pin_dir,
             status: None,
             diagnostics_shown: Cell::new(false),
         }
+    }
+
+    /// This agent's bpffs pin folder.
+    pub fn pin_dir(&self) -> &std::path::Path {
+        &self.pin_dir
     }
 
     /// Where this agent serves /metrics (from its "ready" line).
@@ -242,6 +258,11 @@ impl Agent {
 
     pub fn policy_yaml(&self) -> &str {
         self.policy.yaml()
+    }
+
+    /// The policy file the agent was started with (reload scenarios rewrite it).
+    pub fn policy_path(&self) -> &Path {
+        self.policy.path()
     }
 
     /// The `--cgroup-root` it was given.
@@ -402,6 +423,16 @@ impl Drop for Agent {
                 }
             }
             self.status = kill_and_reap(&mut self.child);
+        }
+        // A killed agent leaves its pins (by design: enforcement outlives
+        // it); remove them, as an operator would.
+        if self.pin_dir.exists() {
+            let _ = Command::new(agent_bin())
+                .arg("uninstall")
+                .arg("--pin-dir")
+                .arg(&self.pin_dir)
+                .stdout(Stdio::null())
+                .status();
         }
     }
 }

@@ -146,6 +146,11 @@ fn main() -> ExitCode {
             if !args.iter().any(|a| a == "--policy" || a.starts_with("--policy=")) {
                 cmd.arg("--policy").arg(workspace_root().join("policies/ai-reference.yaml"));
             }
+            // The main job is a developer's session: leave nothing behind on
+            // Ctrl-C. (A deployed agent keeps enforcing across restarts.)
+            if !args.iter().any(|a| a == "--detach-on-exit") {
+                cmd.arg("--detach-on-exit");
+            }
             cmd.args(&args);
             run_cmd(&mut cmd)
         })(),

@@ -34,6 +34,12 @@ enum Command {
         /// Root-only Unix socket serving the live flow table to `ztai-agent flows` ("off" to disable).
         #[arg(long, value_name = "PATH", default_value = control::DEFAULT_SOCKET)]
         control_socket: PathBuf,
+        /// bpffs folder where maps and links are pinned, so enforcement outlives the agent and a restarted agent adopts it without a gap ("off": nothing outlives the agent).
+        #[arg(long, value_name = "DIR", default_value = DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+        /// On SIGTERM/SIGINT, detach everything and remove the pins (default: keep enforcing).
+        #[arg(long)]
+        detach_on_exit: bool,
         /// Debug-level diagnostics on stderr.
         #[arg(long, short)]
         verbose: bool,
@@ -53,6 +59,11 @@ enum Command {
         #[arg(long, value_name = "SECS", default_value = "2", value_parser = control::parse_interval)]
         interval: Duration,
     },
+    /// Remove every program, link, map and pin the agent made under DIR, and nothing else.
+    Uninstall {
+        #[arg(long, value_name = "DIR", default_value = DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+    },
     /// Validate policy files: exit 0 if all are valid, else 1 with one `file:line:column` line per problem.
     Check {
         #[arg(required = true, value_name = "FILE")]
@@ -62,6 +73,8 @@ enum Command {
         strict: bool,
     },
 }
+
+const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/ztai";
 
 #[derive(Clone, Debug)]
 struct OptionalAddr(Option<std::net::SocketAddr>);
@@ -102,7 +115,12 @@ fn check(files: &[PathBuf], strict: bool) -> ExitCode {
     if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS }
 }
 
-fn run(policy_path: PathBuf, cgroup_root: Option<PathBuf>, services: Services) -> anyhow::Result<()> {
+struct Pins {
+    dir: Option<PathBuf>,
+    detach_on_exit: bool,
+}
+
+fn run(policy_path: PathBuf, cgroup_root: Option<PathBuf>, services: Services, pins: Pins) -> anyhow::Result<()> {
     let checked = match policy::load_policy(&policy_path) {
         Ok(c) => c,
         Err(PolicyError::Invalid { path, diagnostics }) => {
@@ -121,6 +139,8 @@ fn run(policy_path: PathBuf, cgroup_root: Option<PathBuf>, services: Services) -
         cgroup_root,
         rescan_every: Duration::from_secs(1),
         services,
+        pin_dir: pins.dir,
+        detach_on_exit: pins.detach_on_exit,
     };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -141,11 +161,22 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::Run { policy, cgroup_root, metrics_addr, control_socket, verbose } => {
+        Command::Uninstall { pin_dir } => match ztai_agent::datapath::uninstall(&pin_dir) {
+            Ok(done) => {
+                println!("removed {} links and {} maps pinned under {}", done.links, done.maps, pin_dir.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("ztai-agent uninstall: {:#}", anyhow::Error::from(e));
+                ExitCode::FAILURE
+            }
+        },
+        Command::Run { policy, cgroup_root, metrics_addr, control_socket, pin_dir, detach_on_exit, verbose } => {
             logging::init(verbose);
             let control_socket = (control_socket.as_os_str() != "off").then_some(control_socket);
             let services = Services { metrics_addr: metrics_addr.0, control_socket };
-            match run(policy, cgroup_root, services) {
+            let pins = Pins { dir: (pin_dir.as_os_str() != "off").then_some(pin_dir), detach_on_exit };
+            match run(policy, cgroup_root, services, pins) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     log::error!(error = format!("{e:#}"); "ztai-agent failed");

@@ -26,7 +26,7 @@ use crate::{
         policy_file::PolicyFileWatcher,
         sockets, workloads,
     },
-    policy::{Checked, Policy, compile::{CompiledPolicy, compile}},
+    policy::{Checked, Policy, compile::compile},
     report::{self, NameTable},
 };
 
@@ -41,6 +41,11 @@ pub struct RunConfig {
     /// that match a selector of their own.
     pub rescan_every: Duration,
     pub services: Services,
+    /// bpffs folder for pinned maps and links; None = nothing outlives the agent.
+    pub pin_dir: Option<PathBuf>,
+    /// On SIGTERM/SIGINT, detach and unpin everything instead of leaving
+    /// enforcement in place for the next agent to adopt.
+    pub detach_on_exit: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -229,12 +234,14 @@ struct Enforcer {
     policy: Policy,
     policy_text: String,
     ids: SegmentIds,
-    /// Number of the live generation (1 for the first policy).
+    /// Number of the live generation (1 for the first policy; an agent that
+    /// adopts pinned state continues the numbering).
     generation: u32,
-    live: CompiledPolicy,
-    /// The previous generation's entries, removed one tick after the switch
-    /// so no program still reading them finds them gone.
-    retiring: Option<CompiledPolicy>,
+    /// Slot of the previous generation, emptied one tick after the switch
+    /// so no program still reading it finds entries gone.
+    retiring: Option<u8>,
+    /// A previous agent's generation this one took over, if any.
+    adopted: Option<u32>,
     labels: Labels,
     names: NameTable,
     node: NodeAddresses,
@@ -249,10 +256,13 @@ impl Enforcer {
     fn start(datapath: Datapath, root: CgroupRoot, policy_path: PathBuf, mut policy: Policy, netns_cookie: u64) -> Result<Self, RuntimeError> {
         let policy_text = std::fs::read_to_string(&policy_path).unwrap_or_default();
         let mut ids = SegmentIds::new();
-        ids.assign(&mut policy).map_err(|e| RuntimeError::Policy(e))?;
-        let generation = 1;
-        let live = compile(&policy, slot_of(generation));
+        ids.assign(&mut policy).map_err(RuntimeError::Policy)?;
+        // Pinned maps of a previous agent: its generation stays live until
+        // ours is written beside it and switched in, like a reload.
+        let adopted = datapath.adopted_generation();
+        let generation = adopted.map_or(1, |g| g + 1);
         let host = local_addrs::host_addresses().map_err(io_err("cannot list this host's addresses"))?;
+        let current = if adopted.is_some() { datapath.adopted_labels()? } else { HashMap::new() };
         let mut e = Self {
             datapath,
             root,
@@ -261,20 +271,27 @@ impl Enforcer {
             policy_text,
             ids,
             generation,
-            live,
-            retiring: None,
-            labels: Labels { current: HashMap::new(), slot: slot_of(generation) },
+            retiring: adopted.map(slot_of),
+            adopted,
+            labels: Labels { current, slot: slot_of(adopted.unwrap_or(generation)) },
             names: NameTable::default(),
             node: NodeAddresses { netns_cookie, host, workloads: Vec::new() },
             reload_errors: 0,
         };
-        e.datapath.write_policy(&e.live)?;
+        if adopted.is_some() {
+            // Leftovers of the generation before the adopted one.
+            e.datapath.retire_slot(slot_of(generation))?;
+        }
+        let compiled = compile(&e.policy, slot_of(generation));
+        e.datapath.write_policy(&compiled)?;
         let scanned = cgroups::scan(&e.root, &e.policy)?;
-        e.labels.apply(&mut e.datapath, &e.policy, &scanned, None)?;
+        let reload_slot = adopted.map(|_| slot_of(generation));
+        e.labels.apply(&mut e.datapath, &e.policy, &scanned, reload_slot)?;
+        e.datapath.switch_generation(generation)?;
+        e.labels.slot = slot_of(generation);
         e.node.refresh_workloads(&e.root, &scanned);
         e.node.apply(&mut e.datapath)?;
         e.names = names_for(&e.ids, &scanned);
-        e.datapath.switch_generation(generation)?;
         Ok(e)
     }
 
@@ -297,8 +314,8 @@ impl Enforcer {
     /// The periodic pass: relabel, workload addresses, retire the previous
     /// generation's entries.
     fn tick(&mut self) -> Result<(), RuntimeError> {
-        if let Some(old) = self.retiring.take() {
-            self.datapath.retire_policy(&old)?;
+        if let Some(slot) = self.retiring.take() {
+            self.datapath.retire_slot(slot)?;
         }
         match self.scan() {
             Ok(scanned) => {
@@ -349,23 +366,23 @@ impl Enforcer {
             error!(trigger = trigger, error = e; "policy reload rejected; the previous policy stays in force");
             return Ok(());
         }
-        // The slot about to be written must hold nothing still live.
-        if let Some(old) = self.retiring.take() {
-            self.datapath.retire_policy(&old)?;
-        }
+        // The slot about to be written holds the generation before the live
+        // one: empty it first.
         let next = self.generation + 1;
+        self.retiring = None;
+        self.datapath.retire_slot(slot_of(next))?;
         let compiled = compile(&policy, slot_of(next));
         if let Err(e) = self.datapath.write_policy(&compiled) {
             self.reload_errors += 1;
             error!(trigger = trigger, error = format!("{e:#}"); "policy reload rejected: the kernel refused its entries; the previous policy stays in force");
-            self.datapath.retire_policy(&compiled)?;
+            self.datapath.retire_slot(slot_of(next))?;
             return Ok(());
         }
         let scanned = cgroups::scan(&self.root, &policy)?;
         self.labels.apply(&mut self.datapath, &policy, &scanned, Some(slot_of(next)))?;
         self.datapath.switch_generation(next)?;
         self.labels.slot = slot_of(next);
-        self.retiring = Some(std::mem::replace(&mut self.live, compiled));
+        self.retiring = Some(slot_of(self.generation));
         self.generation = next;
         self.policy = policy;
         self.policy_text = text;
@@ -433,7 +450,7 @@ fn write_report_line(line: &str) {
 }
 
 pub async fn run(config: RunConfig) -> Result<(), RuntimeError> {
-    let RunConfig { policy_path, policy: Checked { policy, warnings }, cgroup_root, rescan_every, services } = config;
+    let RunConfig { policy_path, policy: Checked { policy, warnings }, cgroup_root, rescan_every, services, pin_dir, detach_on_exit } = config;
     for w in &warnings {
         warn!(diagnostic = w.to_string(); "policy warning");
     }
@@ -463,11 +480,17 @@ pub async fn run(config: RunConfig) -> Result<(), RuntimeError> {
     let policy_watch = PolicyFileWatcher::new(&policy_path).map_err(io_err(format!("cannot watch {}", policy_path.display())))?;
     let mut policy_watch = register(policy_watch, "cannot register the policy file watcher")?;
 
-    let datapath = Datapath::load()?;
+    let datapath = Datapath::load(pin_dir.as_deref())?;
     let mut enforcer = Enforcer::start(datapath, cgroup_root.clone(), policy_path.clone(), policy, netns_cookie)?;
 
-    // Everything is in the maps before the first program runs.
+    // Everything is in the maps before the first program runs. An adopted
+    // agent's links keep running until ours are attached and pinned.
     enforcer.datapath.attach(&cgroup_root.path)?;
+    enforcer.datapath.pin_links(enforcer.generation)?;
+    let released = enforcer.datapath.release_previous_links(enforcer.generation)?;
+    if let Some(g) = enforcer.adopted {
+        info!(adopted_generation = g as u64, generation = enforcer.generation as u64, released_links = released as u64; "adopted pinned state of a previous agent");
+    }
     let existing = sockets::bound_sockets_of_labeled(&cgroup_root.mount, &enforcer.scan()?);
     let recorded = enforcer.datapath.record_existing_sockets(netns_cookie, &existing)?;
 
@@ -588,9 +611,21 @@ pub async fn run(config: RunConfig) -> Result<(), RuntimeError> {
     };
     metrics_state.set_ready(false);
     let dropped = enforcer.datapath.counter(ztai_common::COUNTER_EVENTS_DROPPED).unwrap_or(0);
-    info!(signal = signal_name, events_dropped = dropped; "shutting down: detaching programs");
     drop(events);
-    drop(enforcer);
+    match (&pin_dir, detach_on_exit) {
+        (Some(dir), false) => {
+            info!(signal = signal_name, events_dropped = dropped, pin_dir = dir.display().to_string(); "shutting down; enforcement stays in place (pinned) for the next agent to adopt; `ztai-agent uninstall` removes it");
+            drop(enforcer);
+        }
+        (Some(dir), true) => {
+            info!(signal = signal_name, events_dropped = dropped, pin_dir = dir.display().to_string(); "shutting down: detaching programs and removing pins");
+            enforcer.datapath.detach_and_unpin()?;
+        }
+        (None, _) => {
+            info!(signal = signal_name, events_dropped = dropped; "shutting down: detaching programs");
+            drop(enforcer);
+        }
+    }
     drop(kernel_log);
     drop(metrics_stop);
     let _ = control_stop.send(());

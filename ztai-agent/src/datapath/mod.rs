@@ -7,7 +7,7 @@ use std::{collections::BTreeSet, fs::File, net::IpAddr, path::{Path, PathBuf}};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray, PerCpuHashMap, RingBuf, lpm_trie::Key},
-    programs::{CgroupAttachMode, ProgramError},
+    programs::{CgroupAttachMode, ProgramError, links::{FdLink, PinnedLink}},
 };
 use ztai_common::{
     CONFIG_FLAG_LABELS_INCOMPLETE, CONFIG_FLAG_POLICY_LOADED, CgroupLabel, Config, FlowCounters, FlowKey, LocalAddrKey,
@@ -60,6 +60,12 @@ pub enum DatapathError {
     OpenCgroup { path: PathBuf, #[source] source: std::io::Error },
     #[error("attaching {name} to {path} failed")]
     Attach { name: &'static str, path: PathBuf, #[source] source: ProgramError },
+    #[error("link of {name} is not a bpf_link (kernel older than 5.7?)")]
+    Link { name: &'static str, #[source] source: aya::programs::links::LinkError },
+    #[error("another ztai-agent is using the pin folder {path}; stop it, or give this one its own --pin-dir")]
+    PinDirBusy { path: PathBuf },
+    #[error("cannot pin or unpin {path}")]
+    Pin { path: PathBuf, #[source] source: std::io::Error },
     #[error("map {map}: {op} failed")]
     Map { map: &'static str, op: &'static str, #[source] source: MapError },
 }
@@ -70,6 +76,14 @@ fn map_err(map: &'static str, op: &'static str) -> impl FnOnce(MapError) -> Data
 
 pub struct Datapath {
     ebpf: Ebpf,
+    /// Where maps and links are pinned, so enforcement outlives the agent.
+    pin_dir: Option<PathBuf>,
+    /// Links attached by this agent, until pinned.
+    links: Vec<(&'static str, FdLink)>,
+    /// Links pinned by this agent (they stay attached when it exits).
+    pinned: Vec<PinnedLink>,
+    /// Exclusive lock on the pin folder: one agent per set of pinned maps.
+    _pin_lock: Option<File>,
     /// Forwards the programs' aya-log records (rare fail-closed diagnostics)
     /// to our log. Must live as long as the programs: dropping it closes the
     /// log map the programs were loaded against.
@@ -80,9 +94,27 @@ pub struct Datapath {
 
 impl Datapath {
     /// Loads the object and every program into the kernel (the verifier runs
-    /// here), attaching nothing yet.
-    pub fn load() -> Result<Self, DatapathError> {
-        let mut ebpf = EbpfLoader::new().load(EBPF_OBJECT).map_err(DatapathError::Load)?;
+    /// here), attaching nothing yet. With `pin_dir`, maps are pinned under
+    /// `<pin_dir>/maps`, and maps a previous agent pinned there are reused:
+    /// labels, rules, connections and counters carry over.
+    pub fn load(pin_dir: Option<&Path>) -> Result<Self, DatapathError> {
+        let mut loader = EbpfLoader::new();
+        let pin_lock = match pin_dir {
+            Some(dir) => Some(lock_pin_dir(dir)?),
+            None => None,
+        };
+        let map_paths: Vec<(&'static str, PathBuf)> = match pin_dir {
+            Some(dir) => {
+                let maps = dir.join("maps");
+                std::fs::create_dir_all(&maps).map_err(|source| DatapathError::Pin { path: maps.clone(), source })?;
+                m::ALL.iter().map(|n| (*n, maps.join(n))).collect()
+            }
+            None => Vec::new(),
+        };
+        for (name, path) in &map_paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader.load(EBPF_OBJECT).map_err(DatapathError::Load)?;
         // Before the programs load: they are verified against the log map.
         let kernel_log = match KernelLog::init(&mut ebpf) {
             Ok(l) => Some(l),
@@ -106,7 +138,44 @@ impl Datapath {
             };
             result.map_err(|source| DatapathError::ProgramLoad { name, source })?;
         }
-        Ok(Self { ebpf, kernel_log, config: Config::default(), local_addrs: BTreeSet::new() })
+        let mut dp = Self {
+            ebpf,
+            pin_dir: pin_dir.map(Path::to_path_buf),
+            links: Vec::new(),
+            pinned: Vec::new(),
+            _pin_lock: pin_lock,
+            kernel_log,
+            config: Config::default(),
+            local_addrs: BTreeSet::new(),
+        };
+        // Adopted maps hold a previous agent's state: start from it.
+        dp.config = dp.read_config()?;
+        dp.local_addrs = dp.present_keys::<LocalAddrKey, u32>(m::LOCAL_ADDRS)?.into_iter().collect();
+        Ok(dp)
+    }
+
+    fn read_config(&self) -> Result<Config, DatapathError> {
+        let map = self.ebpf.map(m::CONFIG).ok_or(DatapathError::MissingMap(m::CONFIG))?;
+        let arr: Array<_, Config> = Array::try_from(map).map_err(map_err(m::CONFIG, "open"))?;
+        arr.get(&0, 0).map_err(map_err(m::CONFIG, "get"))
+    }
+
+    fn present_keys<K: aya::Pod, V: aya::Pod>(&self, name: &'static str) -> Result<Vec<K>, DatapathError> {
+        let map = self.ebpf.map(name).ok_or(DatapathError::MissingMap(name))?;
+        let h: HashMap<_, K, V> = HashMap::try_from(map).map_err(map_err(name, "open"))?;
+        Ok(h.keys().filter_map(Result::ok).collect())
+    }
+
+    /// Generation number a previous agent left live in pinned maps.
+    pub fn adopted_generation(&self) -> Option<u32> {
+        (self.config.flags & CONFIG_FLAG_POLICY_LOADED != 0).then_some(self.config.active_gen)
+    }
+
+    /// Labels a previous agent left in pinned maps.
+    pub fn adopted_labels(&self) -> Result<std::collections::HashMap<u64, CgroupLabel>, DatapathError> {
+        let map = self.ebpf.map(m::CGROUP_LABELS).ok_or(DatapathError::MissingMap(m::CGROUP_LABELS))?;
+        let h: HashMap<_, u64, CgroupLabel> = HashMap::try_from(map).map_err(map_err(m::CGROUP_LABELS, "open"))?;
+        Ok(h.iter().filter_map(Result::ok).collect())
     }
 
     fn map_mut(&mut self, name: &'static str) -> Result<&mut aya::maps::Map, DatapathError> {
@@ -163,38 +232,6 @@ impl Datapath {
         self.config.active_gen = number;
         self.config.flags |= CONFIG_FLAG_POLICY_LOADED;
         self.write_config()
-    }
-
-    /// Removes a generation's rule and cidr entries. Called only once that
-    /// generation is no longer live and programs that read it have finished.
-    pub fn retire_policy(&mut self, compiled: &CompiledPolicy) -> Result<(), DatapathError> {
-        fn gone(r: Result<(), MapError>) -> Result<(), MapError> {
-            match r {
-                Err(MapError::KeyNotFound) => Ok(()),
-                other => other,
-            }
-        }
-        let mut pairs: HashMap<_, ztai_common::PairKey, ztai_common::PairValue> =
-            HashMap::try_from(self.map_mut(m::RULE_PAIRS)?).map_err(map_err(m::RULE_PAIRS, "open"))?;
-        for (k, _) in &compiled.pairs {
-            gone(pairs.remove(k)).map_err(map_err(m::RULE_PAIRS, "remove"))?;
-        }
-        let mut ports: HashMap<_, ztai_common::PortKey, ztai_common::RuleRef> =
-            HashMap::try_from(self.map_mut(m::RULE_PORTS)?).map_err(map_err(m::RULE_PORTS, "open"))?;
-        for (k, _) in &compiled.ports {
-            gone(ports.remove(k)).map_err(map_err(m::RULE_PORTS, "remove"))?;
-        }
-        let mut ranges: LpmTrie<_, [u8; ztai_common::RANGE_KEY_BYTES], ztai_common::RuleRef> =
-            LpmTrie::try_from(self.map_mut(m::RULE_RANGES)?).map_err(map_err(m::RULE_RANGES, "open"))?;
-        for (prefix, data, _) in &compiled.ranges {
-            gone(ranges.remove(&Key::new(*prefix, *data))).map_err(map_err(m::RULE_RANGES, "remove"))?;
-        }
-        let mut cidrs: LpmTrie<_, [u8; ztai_common::CIDR_KEY_BYTES], ztai_common::SegmentRef> =
-            LpmTrie::try_from(self.map_mut(m::CIDRS)?).map_err(map_err(m::CIDRS, "open"))?;
-        for (prefix, data, _) in &compiled.cidrs {
-            gone(cidrs.remove(&Key::new(*prefix, *data))).map_err(map_err(m::CIDRS, "remove"))?;
-        }
-        Ok(())
     }
 
     fn write_config(&mut self) -> Result<(), DatapathError> {
@@ -308,18 +345,109 @@ impl Datapath {
         let file = File::open(cgroup).map_err(|source| DatapathError::OpenCgroup { path: cgroup.to_path_buf(), source })?;
         for &name in PROGRAMS {
             let prog = self.ebpf.program_mut(name).ok_or(DatapathError::MissingProgram(name))?;
-            let result = match prog {
-                aya::programs::Program::CgroupSockAddr(p) => p.attach(&file, CgroupAttachMode::Single).map(|_| ()),
-                aya::programs::Program::CgroupSock(p) => p.attach(&file, CgroupAttachMode::Single).map(|_| ()),
+            let attach_err = |source| DatapathError::Attach { name, path: cgroup.to_path_buf(), source };
+            let link: FdLink = match prog {
+                aya::programs::Program::CgroupSockAddr(p) => {
+                    let id = p.attach(&file, CgroupAttachMode::Single).map_err(attach_err)?;
+                    p.take_link(id).map_err(attach_err)?.try_into().map_err(|e| DatapathError::Link { name, source: e })?
+                }
+                aya::programs::Program::CgroupSock(p) => {
+                    let id = p.attach(&file, CgroupAttachMode::Single).map_err(attach_err)?;
+                    p.take_link(id).map_err(attach_err)?.try_into().map_err(|e| DatapathError::Link { name, source: e })?
+                }
                 aya::programs::Program::CgroupSkb(p) => {
                     let Some(attach_type) = *p.expected_attach_type() else {
                         return Err(DatapathError::MissingProgram(name));
                     };
-                    p.attach(&file, attach_type, CgroupAttachMode::Single).map(|_| ())
+                    let id = p.attach(&file, attach_type, CgroupAttachMode::Single).map_err(attach_err)?;
+                    p.take_link(id).map_err(attach_err)?.try_into().map_err(|e| DatapathError::Link { name, source: e })?
                 }
                 _ => return Err(DatapathError::MissingProgram(name)),
             };
-            result.map_err(|source| DatapathError::Attach { name, path: cgroup.to_path_buf(), source })?;
+            self.links.push((name, link));
+        }
+        Ok(())
+    }
+
+    /// Pins this agent's links under `<pin_dir>/links/g<generation>`: from
+    /// here on they stay attached if the agent exits or is killed.
+    pub fn pin_links(&mut self, generation: u32) -> Result<(), DatapathError> {
+        let Some(dir) = self.pin_dir.clone() else { return Ok(()) };
+        let links_dir = dir.join("links").join(format!("g{generation}"));
+        std::fs::create_dir_all(&links_dir).map_err(|source| DatapathError::Pin { path: links_dir.clone(), source })?;
+        for (name, link) in std::mem::take(&mut self.links) {
+            let path = links_dir.join(name);
+            let pinned = link.pin(&path).map_err(|e| DatapathError::Pin { path: path.clone(), source: std::io::Error::other(e) })?;
+            self.pinned.push(pinned);
+        }
+        Ok(())
+    }
+
+    /// Detaches links pinned by earlier agents (every links/ folder but
+    /// ours). Called once our own links are attached and pinned, so labeled
+    /// traffic is never without a program.
+    pub fn release_previous_links(&mut self, generation: u32) -> Result<usize, DatapathError> {
+        let Some(dir) = self.pin_dir.clone() else { return Ok(0) };
+        let ours = format!("g{generation}");
+        let mut released = 0;
+        let links = dir.join("links");
+        let Ok(entries) = std::fs::read_dir(&links) else { return Ok(0) };
+        for entry in entries.flatten() {
+            if entry.file_name().to_string_lossy() == ours {
+                continue;
+            }
+            released += unpin_links_in(&entry.path())?;
+        }
+        Ok(released)
+    }
+
+    /// Removes the rule and cidr entries of map slot `slot` (a generation no
+    /// longer live, whose readers have finished).
+    pub fn retire_slot(&mut self, slot: u8) -> Result<(), DatapathError> {
+        fn gone(r: Result<(), MapError>) -> Result<(), MapError> {
+            match r {
+                Err(MapError::KeyNotFound) => Ok(()),
+                other => other,
+            }
+        }
+        let mut pairs: HashMap<_, ztai_common::PairKey, ztai_common::PairValue> =
+            HashMap::try_from(self.map_mut(m::RULE_PAIRS)?).map_err(map_err(m::RULE_PAIRS, "open"))?;
+        let old: Vec<_> = pairs.keys().filter_map(Result::ok).filter(|k| k.generation == slot).collect();
+        for k in &old {
+            gone(pairs.remove(k)).map_err(map_err(m::RULE_PAIRS, "remove"))?;
+        }
+        let mut ports: HashMap<_, ztai_common::PortKey, ztai_common::RuleRef> =
+            HashMap::try_from(self.map_mut(m::RULE_PORTS)?).map_err(map_err(m::RULE_PORTS, "open"))?;
+        let old: Vec<_> = ports.keys().filter_map(Result::ok).filter(|k| k.generation == slot).collect();
+        for k in &old {
+            gone(ports.remove(k)).map_err(map_err(m::RULE_PORTS, "remove"))?;
+        }
+        let mut ranges: LpmTrie<_, [u8; ztai_common::RANGE_KEY_BYTES], ztai_common::RuleRef> =
+            LpmTrie::try_from(self.map_mut(m::RULE_RANGES)?).map_err(map_err(m::RULE_RANGES, "open"))?;
+        let old: Vec<_> = ranges.keys().filter_map(Result::ok).filter(|k| k.data()[0] == slot).collect();
+        for k in &old {
+            gone(ranges.remove(k)).map_err(map_err(m::RULE_RANGES, "remove"))?;
+        }
+        let mut cidrs: LpmTrie<_, [u8; ztai_common::CIDR_KEY_BYTES], ztai_common::SegmentRef> =
+            LpmTrie::try_from(self.map_mut(m::CIDRS)?).map_err(map_err(m::CIDRS, "open"))?;
+        let old: Vec<_> = cidrs.keys().filter_map(Result::ok).filter(|k| k.data()[0] == slot).collect();
+        for k in &old {
+            gone(cidrs.remove(k)).map_err(map_err(m::CIDRS, "remove"))?;
+        }
+        Ok(())
+    }
+
+    /// `--detach-on-exit`: detaches this agent's links and removes every pin
+    /// under the pin directory.
+    pub fn detach_and_unpin(mut self) -> Result<(), DatapathError> {
+        for link in std::mem::take(&mut self.pinned) {
+            // Unpinning returns the link; dropping it detaches.
+            let _ = link.unpin();
+        }
+        self.links.clear();
+        if let Some(dir) = self.pin_dir.clone() {
+            drop(self);
+            uninstall(&dir)?;
         }
         Ok(())
     }
@@ -389,4 +517,76 @@ impl Datapath {
 
 fn static_name(name: &str) -> &'static str {
     m::ALL.iter().find(|n| **n == name).copied().unwrap_or("unknown")
+}
+
+/// Detaches and unpins every link pinned in `dir`; removes `dir`.
+fn unpin_links_in(dir: &Path) -> Result<usize, DatapathError> {
+    let mut n = 0;
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            let path = entry.path();
+            match PinnedLink::from_pin(&path) {
+                // Unpin, then drop: the link detaches.
+                Ok(link) => {
+                    link.unpin().map_err(|source| DatapathError::Pin { path: path.clone(), source })?;
+                    n += 1;
+                }
+                Err(_) => std::fs::remove_file(&path).map_err(|source| DatapathError::Pin { path: path.clone(), source })?,
+            }
+        }
+    }
+    match std::fs::remove_dir(dir) {
+        Ok(()) => Ok(n),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(n),
+        Err(source) => Err(DatapathError::Pin { path: dir.to_path_buf(), source }),
+    }
+}
+
+/// What `uninstall` removed.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Uninstalled {
+    pub links: usize,
+    pub maps: usize,
+}
+
+/// Removes every link, map and pin ztai made under `pin_dir`, and nothing
+/// else: only the names this agent creates (links/g*/…, maps/<its map names>).
+pub fn uninstall(pin_dir: &Path) -> Result<Uninstalled, DatapathError> {
+    let mut done = Uninstalled::default();
+    if let Ok(entries) = std::fs::read_dir(pin_dir.join("links")) {
+        for entry in entries.flatten() {
+            if entry.file_name().to_string_lossy().starts_with('g') {
+                done.links += unpin_links_in(&entry.path())?;
+            }
+        }
+    }
+    let _ = std::fs::remove_dir(pin_dir.join("links"));
+    for name in m::ALL {
+        let path = pin_dir.join("maps").join(name);
+        match std::fs::remove_file(&path) {
+            Ok(()) => done.maps += 1,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => return Err(DatapathError::Pin { path, source }),
+        }
+    }
+    for dir in [pin_dir.join("maps"), pin_dir.to_path_buf()] {
+        match std::fs::remove_dir(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => return Err(DatapathError::Pin { path: dir, source }),
+        }
+    }
+    Ok(done)
+}
+
+/// Locks `dir` (created if needed) for this process; released on exit.
+fn lock_pin_dir(dir: &Path) -> Result<File, DatapathError> {
+    use std::os::fd::AsRawFd as _;
+    std::fs::create_dir_all(dir).map_err(|source| DatapathError::Pin { path: dir.to_path_buf(), source })?;
+    let f = File::open(dir).map_err(|source| DatapathError::Pin { path: dir.to_path_buf(), source })?;
+    // SAFETY: flock on an fd we own.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return Err(DatapathError::PinDirBusy { path: dir.to_path_buf() });
+    }
+    Ok(f)
 }
