@@ -2,6 +2,7 @@
 //! addresses, and sockets that were bound before the agent started.
 pub mod cgroup_watch;
 pub mod cgroups;
+pub mod kernel;
 pub mod local_addrs;
 pub mod policy_file;
 pub mod sockets;
