@@ -59,6 +59,8 @@ pub enum RuntimeError {
     #[error("{0}")]
     Policy(String),
     #[error(transparent)]
+    Kernel(#[from] crate::discovery::kernel::KernelError),
+    #[error(transparent)]
     Control(#[from] crate::control::ControlError),
     #[error("{what}")]
     Io { what: String, #[source] source: std::io::Error },
@@ -454,6 +456,7 @@ pub async fn run(config: RunConfig) -> Result<(), RuntimeError> {
     for w in &warnings {
         warn!(diagnostic = w.to_string(); "policy warning");
     }
+    crate::discovery::kernel::check()?;
     // Bind first: a busy port fails before the kernel is touched.
     let metrics_state = MetricsState::new();
     let (metrics_stop, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
