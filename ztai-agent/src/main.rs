@@ -40,6 +40,9 @@ enum Command {
         /// On SIGTERM/SIGINT, detach everything and remove the pins (default: keep enforcing).
         #[arg(long)]
         detach_on_exit: bool,
+        /// Override a kernel map's size, e.g. ZTAI_SOCKET_OWNERS=131072 (repeatable).
+        #[arg(long, value_name = "NAME=ENTRIES", value_parser = ztai_agent::datapath::parse_map_size)]
+        map_size: Vec<(&'static str, u32)>,
         /// Debug-level diagnostics on stderr.
         #[arg(long, short)]
         verbose: bool,
@@ -118,6 +121,7 @@ fn check(files: &[PathBuf], strict: bool) -> ExitCode {
 struct Pins {
     dir: Option<PathBuf>,
     detach_on_exit: bool,
+    map_sizes: Vec<(&'static str, u32)>,
 }
 
 fn run(policy_path: PathBuf, cgroup_root: Option<PathBuf>, services: Services, pins: Pins) -> anyhow::Result<()> {
@@ -141,6 +145,7 @@ fn run(policy_path: PathBuf, cgroup_root: Option<PathBuf>, services: Services, p
         services,
         pin_dir: pins.dir,
         detach_on_exit: pins.detach_on_exit,
+        map_sizes: pins.map_sizes,
     };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -171,11 +176,11 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::Run { policy, cgroup_root, metrics_addr, control_socket, pin_dir, detach_on_exit, verbose } => {
+        Command::Run { policy, cgroup_root, metrics_addr, control_socket, pin_dir, detach_on_exit, map_size, verbose } => {
             logging::init(verbose);
             let control_socket = (control_socket.as_os_str() != "off").then_some(control_socket);
             let services = Services { metrics_addr: metrics_addr.0, control_socket };
-            let pins = Pins { dir: (pin_dir.as_os_str() != "off").then_some(pin_dir), detach_on_exit };
+            let pins = Pins { dir: (pin_dir.as_os_str() != "off").then_some(pin_dir), detach_on_exit, map_sizes: map_size };
             match run(policy, cgroup_root, services, pins) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {

@@ -46,6 +46,8 @@ pub struct RunConfig {
     /// On SIGTERM/SIGINT, detach and unpin everything instead of leaving
     /// enforcement in place for the next agent to adopt.
     pub detach_on_exit: bool,
+    /// Map size overrides (`--map-size`).
+    pub map_sizes: Vec<(&'static str, u32)>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -174,6 +176,8 @@ impl SegmentIds {
 struct Labels {
     current: HashMap<u64, CgroupLabel>,
     slot: u8,
+    /// Cgroups the kernel map refused (full); each made unlabeled traffic fail closed.
+    failures: u64,
 }
 
 impl Labels {
@@ -211,6 +215,7 @@ impl Labels {
         for id in &failed {
             error!(cgroup_id = *id; "cannot label cgroup (map full?); unlabeled traffic under the attach point now fails closed");
         }
+        self.failures += failed.len() as u64;
         for (id, label) in changed.iter().filter(|(id, _)| !failed.contains(id)) {
             self.current.insert(*id, *label);
         }
@@ -275,7 +280,7 @@ impl Enforcer {
             generation,
             retiring: adopted.map(slot_of),
             adopted,
-            labels: Labels { current, slot: slot_of(adopted.unwrap_or(generation)) },
+            labels: Labels { current, slot: slot_of(adopted.unwrap_or(generation)), failures: 0 },
             names: NameTable::default(),
             node: NodeAddresses { netns_cookie, host, workloads: Vec::new() },
             reload_errors: 0,
@@ -423,6 +428,7 @@ impl Enforcer {
                 socket_table_full: counter(ztai_common::COUNTER_SOCKET_TABLE_FULL),
                 udp_replies: counter(ztai_common::COUNTER_UDP_REPLIES),
                 reload_errors: self.reload_errors,
+                label_failures: self.labels.failures,
                 revoked_packets: counter(ztai_common::COUNTER_REVOKED),
             },
             flows: records(&self.policy, &flows),
@@ -452,7 +458,7 @@ fn write_report_line(line: &str) {
 }
 
 pub async fn run(config: RunConfig) -> Result<(), RuntimeError> {
-    let RunConfig { policy_path, policy: Checked { policy, warnings }, cgroup_root, rescan_every, services, pin_dir, detach_on_exit } = config;
+    let RunConfig { policy_path, policy: Checked { policy, warnings }, cgroup_root, rescan_every, services, pin_dir, detach_on_exit, map_sizes } = config;
     for w in &warnings {
         warn!(diagnostic = w.to_string(); "policy warning");
     }
@@ -483,7 +489,7 @@ pub async fn run(config: RunConfig) -> Result<(), RuntimeError> {
     let policy_watch = PolicyFileWatcher::new(&policy_path).map_err(io_err(format!("cannot watch {}", policy_path.display())))?;
     let mut policy_watch = register(policy_watch, "cannot register the policy file watcher")?;
 
-    let datapath = Datapath::load(pin_dir.as_deref())?;
+    let datapath = Datapath::load(pin_dir.as_deref(), &map_sizes)?;
     let mut enforcer = Enforcer::start(datapath, cgroup_root.clone(), policy_path.clone(), policy, netns_cookie)?;
 
     // Everything is in the maps before the first program runs. An adopted

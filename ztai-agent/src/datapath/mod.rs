@@ -97,8 +97,11 @@ impl Datapath {
     /// here), attaching nothing yet. With `pin_dir`, maps are pinned under
     /// `<pin_dir>/maps`, and maps a previous agent pinned there are reused:
     /// labels, rules, connections and counters carry over.
-    pub fn load(pin_dir: Option<&Path>) -> Result<Self, DatapathError> {
+    pub fn load(pin_dir: Option<&Path>, map_sizes: &[(&'static str, u32)]) -> Result<Self, DatapathError> {
         let mut loader = EbpfLoader::new();
+        for (name, size) in map_sizes {
+            loader.map_max_entries(name, *size);
+        }
         let pin_lock = match pin_dir {
             Some(dir) => Some(lock_pin_dir(dir)?),
             None => None,
@@ -513,6 +516,24 @@ impl Datapath {
         let values = arr.get(&index, 0).map_err(map_err(m::COUNTERS, "get"))?;
         Ok(values.iter().sum())
     }
+}
+
+/// `NAME=N` → a map of ours and its new size (for small-scale tests of the
+/// map-full paths, or nodes that need bigger tables).
+pub fn parse_map_size(s: &str) -> Result<(&'static str, u32), String> {
+    let (name, n) = s.split_once('=').ok_or_else(|| format!("expected NAME=ENTRIES, got {s:?}"))?;
+    let name = m::ALL
+        .iter()
+        .find(|m| m.eq_ignore_ascii_case(name))
+        .ok_or_else(|| format!("no map named {name}; maps: {}", m::ALL.join(", ")))?;
+    if *name == m::CONFIG || *name == m::SEGMENT_FLAGS || *name == m::COUNTERS || *name == m::EVENTS {
+        return Err(format!("{name} has a fixed size"));
+    }
+    let n: u32 = n.parse().map_err(|e| format!("bad size {n:?}: {e}"))?;
+    if n == 0 {
+        return Err("a map needs at least one entry".into());
+    }
+    Ok((name, n))
 }
 
 fn static_name(name: &str) -> &'static str {

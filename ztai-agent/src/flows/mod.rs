@@ -51,6 +51,9 @@ pub struct Totals {
     /// revoked them.
     #[serde(default)]
     pub revoked_packets: u64,
+    /// Cgroups the label map refused (full).
+    #[serde(default)]
+    pub label_failures: u64,
 }
 
 /// Everything observable at one instant.

@@ -148,6 +148,8 @@ pub(crate) struct TotalCounters {
     pub flow_table_evictions: Monotonic,
     pub reload_errors: Monotonic,
     pub revoked_packets: Monotonic,
+    pub socket_table_full: Monotonic,
+    pub label_failures: Monotonic,
 }
 
 impl TotalCounters {
@@ -159,6 +161,8 @@ impl TotalCounters {
         self.flow_table_evictions.observe(t.flow_table_evictions);
         self.reload_errors.observe(t.reload_errors);
         self.revoked_packets.observe(t.revoked_packets);
+        self.socket_table_full.observe(t.socket_table_full);
+        self.label_failures.observe(t.label_failures);
     }
 }
 

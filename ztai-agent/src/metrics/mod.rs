@@ -150,6 +150,8 @@ impl Collector for StateCollector {
             ("ztai_flow_table_evictions", "Flows evicted from the kernel's LRU flow table.", t.flow_table_evictions.get()),
             ("ztai_policy_reload_errors", "Policy reloads rejected; the previous policy stayed in force.", t.reload_errors.get()),
             ("ztai_revoked_packets", "Packets of established connections dropped after a reload or relabel revoked them.", t.revoked_packets.get()),
+            ("ztai_socket_table_full", "Labeled sockets refused because the socket-owner map was full (fail closed).", t.socket_table_full.get()),
+            ("ztai_label_failures", "Cgroups the label map refused (full); unlabeled traffic then fails closed.", t.label_failures.get()),
         ];
         for (name, help, n) in counters {
             let m = ConstCounter::new(n);

@@ -102,7 +102,7 @@ pub fn reason_text(ev: &ViolationEvent, names: &dyn Names) -> String {
     match ev.reason {
         REASON_NO_RULE => format!("no rule allows {src} -> {dst} {proto}/{}", ev.dst_port),
         REASON_SOCKET_TABLE_FULL => format!(
-            "socket-owner table is full: a {src} socket could not be recorded, so it is refused rather than passing as host"
+            "socket-owner table is full: a socket of segment {src} could not be recorded, so it is refused rather than passing as host"
         ),
         REASON_UNKNOWN_FAMILY => format!("address family unknown to ztai: {src} fails closed"),
         REASON_LABELS_INCOMPLETE => {
