@@ -500,8 +500,12 @@ pub async fn run(config: RunConfig) -> Result<(), RuntimeError> {
     if let Some(g) = enforcer.adopted {
         info!(adopted_generation = g as u64, generation = enforcer.generation as u64, released_links = released as u64; "adopted pinned state of a previous agent");
     }
-    let existing = sockets::bound_sockets_of_labeled(&cgroup_root.mount, &enforcer.scan()?);
+    let scanned = enforcer.scan()?;
+    let existing = sockets::bound_sockets_of_labeled(&cgroup_root.mount, &scanned);
     let recorded = enforcer.datapath.record_existing_sockets(netns_cookie, &existing)?;
+    // Connections older than our programs are held to the policy too.
+    let established = sockets::established_tcp(&cgroup_root.mount, &scanned);
+    let seeded = enforcer.datapath.seed_connections(enforcer.generation, &established)?;
 
     // The logger outlives the programs' use of it: the loop owns it until the
     // datapath is dropped below.
@@ -533,6 +537,7 @@ pub async fn run(config: RunConfig) -> Result<(), RuntimeError> {
         rules = enforcer.policy.rules.len() as u64,
         labeled_cgroups = enforcer.labels.labeled_count() as u64,
         existing_sockets = recorded as u64,
+        existing_connections = seeded as u64,
         metrics_addr = metrics_bound.map(|a| a.to_string()).unwrap_or_else(|| "off".into()),
         control_socket = services.control_socket.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "off".into());
         "ready"

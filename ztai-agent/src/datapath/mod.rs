@@ -339,6 +339,47 @@ impl Datapath {
         Ok(recorded)
     }
 
+    /// Seeds the connection table with connections established before the
+    /// programs were attached, so their packets are counted on the right end
+    /// and judged: each entry carries a stale generation, so the kernel judges
+    /// it under the live policy on its next packet (and reports it if denied).
+    pub fn seed_connections(&mut self, generation: u32, conns: &[crate::discovery::sockets::EstablishedConn]) -> Result<usize, DatapathError> {
+        use ztai_common::{COUNTED_BY_INITIATOR, COUNTED_BY_RESPONDER, Conn, PROTO_TCP, SEGMENT_HOST, TupleKey};
+        let mut map: HashMap<_, TupleKey, Conn> =
+            HashMap::try_from(self.map_mut(m::CONNS)?).map_err(map_err(m::CONNS, "open"))?;
+        let mut seeded = 0;
+        for c in conns {
+            let key = TupleKey {
+                saddr: words_from_ip(c.initiator.ip()),
+                daddr: words_from_ip(c.responder.ip()),
+                sport: c.initiator.port(),
+                dport: c.responder.port(),
+                proto: PROTO_TCP,
+                _pad: [0; 3],
+            };
+            let counted_by = if c.initiator_segment.is_some() { COUNTED_BY_INITIATOR } else { COUNTED_BY_RESPONDER };
+            let conn = Conn {
+                flow: FlowKey {
+                    src: c.initiator_segment.unwrap_or(SEGMENT_HOST),
+                    dst: c.responder_segment.unwrap_or(SEGMENT_HOST),
+                    dst_addr: key.daddr,
+                    dst_port: key.dport,
+                    proto: PROTO_TCP,
+                    verdict: ztai_common::VERDICT_ALLOW,
+                },
+                epoch: generation.wrapping_sub(1) as u16,
+                counted_by,
+                _pad: 0,
+            };
+            match map.insert(key, conn, BPF_NOEXIST) {
+                Ok(()) => seeded += 1,
+                Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EEXIST) => {}
+                Err(e) => return Err(map_err(m::CONNS, "insert")(e)),
+            }
+        }
+        Ok(seeded)
+    }
+
     /// Attaches every program at `cgroup` as a bpf_link (aya does so on 5.7+).
     /// The kernel always attaches cgroup links in multi-attach mode and takes
     /// no flags for them (BPF_F_ALLOW_MULTI is EINVAL), so `Single` is the mode

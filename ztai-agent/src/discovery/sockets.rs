@@ -102,3 +102,86 @@ pub fn bound_sockets_of_labeled(mount: &Path, cgroups: &[LabeledCgroup]) -> Vec<
     out.dedup_by_key(|s| (s.proto, s.family, s.local));
     out
 }
+
+/// A TCP connection that was established before the agent's programs were
+/// attached, seen from a process under the attach point.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EstablishedConn {
+    /// The side that opened the connection (connect()).
+    pub initiator: SocketAddr,
+    /// The side that accepted it (had a listener on its port).
+    pub responder: SocketAddr,
+    /// Segments of the ends that run under the attach point.
+    pub initiator_segment: Option<SegmentId>,
+    pub responder_segment: Option<SegmentId>,
+}
+
+fn unmap(a: SocketAddr) -> SocketAddr {
+    match a {
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(v4.into(), v6.port()),
+            None => a,
+        },
+        v4 => v4,
+    }
+}
+
+/// Established TCP connections of processes under the attach point (every
+/// cgroup in `cgroups`, labeled or not: all of them run our hooks), oriented
+/// by who accepted: an end with a listener on its local port is the responder.
+pub fn established_tcp(mount: &Path, cgroups: &[LabeledCgroup]) -> Vec<EstablishedConn> {
+    let established = procfs::net::TcpState::Established;
+    let listen = procfs::net::TcpState::Listen;
+    let mut conns = Vec::new();
+    let mut listeners: Vec<SocketAddr> = Vec::new();
+    for entries in [procfs::net::tcp(), procfs::net::tcp6()] {
+        for e in entries.into_iter().flatten() {
+            if e.state == established {
+                conns.push((e.inode, unmap(e.local_address), unmap(e.remote_address)));
+            } else if e.state == listen {
+                listeners.push(unmap(e.local_address));
+            }
+        }
+    }
+    if conns.is_empty() {
+        return Vec::new();
+    }
+    // socket inode → segment of its owner, for processes under the attach point.
+    let netns = own_netns_inode();
+    let mut owner: HashMap<u64, SegmentId> = HashMap::new();
+    for cg in cgroups {
+        for pid in pids_of(mount, &cg.rel_path) {
+            let same_netns = std::fs::metadata(format!("/proc/{pid}/ns/net")).ok().map(|m| m.ino()) == netns;
+            let Ok(proc) = Process::new(pid) else { continue };
+            let Ok(fds) = proc.fd() else { continue };
+            if !same_netns {
+                continue;
+            }
+            for fd in fds.flatten() {
+                if let FDTarget::Socket(inode) = fd.target {
+                    owner.insert(inode, cg.segment);
+                }
+            }
+        }
+    }
+    let listens_on = |a: &SocketAddr| {
+        listeners.iter().any(|l| l.port() == a.port() && (l.ip().is_unspecified() || l.ip() == a.ip()))
+    };
+    // By (local, remote), to find the other end of local connections.
+    let by_ends: HashMap<(SocketAddr, SocketAddr), u64> = conns.iter().map(|(i, l, r)| ((*l, *r), *i)).collect();
+    let mut out = Vec::new();
+    for (inode, local, remote) in &conns {
+        let Some(seg) = owner.get(inode).copied() else { continue };
+        let peer_segment = by_ends.get(&(*remote, *local)).and_then(|i| owner.get(i).copied());
+        let conn = if listens_on(local) {
+            EstablishedConn { initiator: *remote, responder: *local, initiator_segment: peer_segment, responder_segment: Some(seg) }
+        } else {
+            EstablishedConn { initiator: *local, responder: *remote, initiator_segment: Some(seg), responder_segment: peer_segment }
+        };
+        out.push(conn);
+    }
+    // A connection between two local processes shows up from both ends.
+    out.sort_by_key(|c| (c.initiator, c.responder));
+    out.dedup_by_key(|c| (c.initiator, c.responder));
+    out
+}
