@@ -107,23 +107,64 @@ fn nightly_libllvm() -> Result<(PathBuf, u32), String> {
     ))
 }
 
+/// `$LLVM_PREFIX/lib` for bpf-linker: `libLLVM.so` (what its build links
+/// against) and the library's own soname (what the loader looks for through
+/// the binary's rpath), both pointing at the nightly's libLLVM.
+fn link_libllvm(llvm_lib: &Path, libllvm: &Path) -> Result<(), String> {
+    fs::create_dir_all(llvm_lib).map_err(|e| format!("cannot create {}: {e}", llvm_lib.display()))?;
+    let soname = libllvm.file_name().map(PathBuf::from).unwrap_or_else(|| PathBuf::from("libLLVM.so"));
+    for name in [PathBuf::from("libLLVM.so"), soname] {
+        let link = llvm_lib.join(name);
+        if fs::read_link(&link).is_ok_and(|t| t == libllvm) {
+            continue;
+        }
+        let _ = fs::remove_file(&link);
+        std::os::unix::fs::symlink(libllvm, &link)
+            .map_err(|e| format!("cannot link {} -> {}: {e}", link.display(), libllvm.display()))?;
+    }
+    Ok(())
+}
+
+/// Serializes installs between concurrent builds (held until dropped).
+fn lock(dir: &Path) -> Result<fs::File, String> {
+    use std::os::fd::AsRawFd as _;
+    fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    let path = dir.join(".install.lock");
+    let f = fs::File::create(&path).map_err(|e| format!("cannot create {}: {e}", path.display()))?;
+    unsafe extern "C" {
+        fn flock(fd: i32, op: i32) -> i32;
+    }
+    const LOCK_EX: i32 = 2;
+    // SAFETY: flock on an fd we own; blocks until the other install is done.
+    if unsafe { flock(f.as_raw_fd(), LOCK_EX) } != 0 {
+        return Err(format!("cannot lock {}", path.display()));
+    }
+    Ok(f)
+}
+
+fn linker_works(linker: &Path) -> bool {
+    linker.exists()
+        && Command::new(linker).arg("--version").stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success())
+}
+
 /// Folder holding `bin/bpf-linker`, installing it if needed.
 pub fn ensure_bpf_linker(log: &mut dyn FnMut(&str)) -> Result<PathBuf, String> {
     let root = tools_dir()?.join(format!("bpf-linker-{BPF_LINKER_VERSION}-{}", nightly_tag()?));
     let bin = root.join("bin");
     let linker = bin.join("bpf-linker");
-    if linker.exists() && Command::new(&linker).arg("--version").stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success()) {
-        return Ok(bin);
-    }
     let (libllvm, major) = nightly_libllvm()?;
     // bpf-linker links libLLVM.so from $LLVM_PREFIX/lib and keeps an rpath to it.
     let llvm_prefix = root.join("llvm");
     let llvm_lib = llvm_prefix.join("lib");
-    fs::create_dir_all(&llvm_lib).map_err(|e| format!("cannot create {}: {e}", llvm_lib.display()))?;
-    let link = llvm_lib.join("libLLVM.so");
-    let _ = fs::remove_file(&link);
-    std::os::unix::fs::symlink(&libllvm, &link)
-        .map_err(|e| format!("cannot link {} -> {}: {e}", link.display(), libllvm.display()))?;
+    link_libllvm(&llvm_lib, &libllvm)?;
+    if linker_works(&linker) {
+        return Ok(bin);
+    }
+    let _lock = lock(&root)?;
+    if linker_works(&linker) {
+        // Another build installed it while we waited.
+        return Ok(bin);
+    }
 
     log(&format!("building bpf-linker {BPF_LINKER_VERSION} against {} (about a minute)", libllvm.display()));
     let staging = root.join(format!("install-{}", std::process::id()));
