@@ -25,12 +25,16 @@ pub mod agent;
 pub mod bpf;
 pub mod cgroup;
 pub mod expect;
+pub mod forked;
 pub mod lines;
 pub mod metrics;
 pub mod netns;
+pub mod persist;
 pub mod pods;
 pub mod policy;
 pub mod probe;
+pub mod reload;
+pub mod session;
 pub mod time;
 mod util;
 

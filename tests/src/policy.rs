@@ -40,6 +40,8 @@ pub struct Policy {
     mode: String,
     segments: Vec<(String, Members)>,
     allow: Vec<Rule>,
+    /// `segments.<name>.mode` overrides, by segment name.
+    segment_modes: Vec<(String, String)>,
 }
 
 impl Policy {
@@ -51,7 +53,25 @@ impl Policy {
             mode: "enforce".into(),
             segments: Vec::new(),
             allow: Vec::new(),
+            segment_modes: Vec::new(),
         }
+    }
+
+    /// Like [`Policy::enforce`] with `spec.mode: audit`.
+    pub fn audit(root: &Cgroup) -> Policy {
+        Policy::enforce(root).mode("audit")
+    }
+
+    /// `spec.mode: <mode>` (`enforce` or `audit`).
+    pub fn mode(mut self, mode: &str) -> Policy {
+        self.mode = mode.into();
+        self
+    }
+
+    /// `segments.<segment>.mode: <mode>`, overriding `spec.mode` for that segment.
+    pub fn segment_mode(mut self, segment: &str, mode: &str) -> Policy {
+        self.segment_modes.push((segment.into(), mode.into()));
+        self
     }
 
     /// `segments.<name>: {cgroups: ["<subtree>/<glob>", ...]}` (`*` one level, `**` any depth).
@@ -104,11 +124,20 @@ impl Policy {
         y.push_str(&format!("  mode: {}\n", self.mode));
         y.push_str("  segments:\n");
         for (name, members) in &self.segments {
+            let mode = self
+                .segment_modes
+                .iter()
+                .rev()
+                .find(|(s, _)| s == name)
+                .map(|(_, m)| format!(", mode: {m}"))
+                .unwrap_or_default();
             match members {
                 Members::Cgroups(g) => {
-                    y.push_str(&format!("    {name}: {{cgroups: [{}]}}\n", list(g)))
+                    y.push_str(&format!("    {name}: {{cgroups: [{}]{mode}}}\n", list(g)))
                 }
-                Members::Cidrs(c) => y.push_str(&format!("    {name}: {{cidrs: [{}]}}\n", list(c))),
+                Members::Cidrs(c) => {
+                    y.push_str(&format!("    {name}: {{cidrs: [{}]{mode}}}\n", list(c)))
+                }
             }
         }
         if self.allow.is_empty() {
@@ -165,6 +194,26 @@ impl PolicyFile {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn renders_audit_modes() {
+        let root = Cgroup::for_tests("ztai-t1-2");
+        let y = Policy::audit(&root)
+            .cgroups("a", &["a"])
+            .cidrs("b", &["198.18.7.0/24"])
+            .segment_mode("a", "enforce")
+            .segment_mode("b", "audit")
+            .to_yaml();
+        assert!(y.contains("  mode: audit\n"), "{y}");
+        assert!(
+            y.contains("    a: {cgroups: [\"ztai-t1-2/a\"], mode: enforce}\n"),
+            "{y}"
+        );
+        assert!(
+            y.contains("    b: {cidrs: [\"198.18.7.0/24\"], mode: audit}\n"),
+            "{y}"
+        );
+    }
 
     #[test]
     fn renders_the_documented_format() {

@@ -239,7 +239,10 @@ struct Enforcer {
     root: CgroupRoot,
     policy_path: PathBuf,
     policy: Policy,
+    /// Text of the applied policy: a file event with the same text is no change.
     policy_text: String,
+    /// Last rejected text, so a rejected file is reported once, not per event.
+    rejected_text: String,
     ids: SegmentIds,
     /// Number of the live generation (1 for the first policy; an agent that
     /// adopts pinned state continues the numbering).
@@ -276,6 +279,7 @@ impl Enforcer {
             policy_path,
             policy,
             policy_text,
+            rejected_text: String::new(),
             ids,
             generation,
             retiring: adopted.map(slot_of),
@@ -351,6 +355,15 @@ impl Enforcer {
         if text == self.policy_text && trigger != "SIGHUP" {
             return Ok(());
         }
+        if text.trim().is_empty() && trigger != "SIGHUP" {
+            // Caught between an in-place truncate and its write: the write's
+            // close raises another event.
+            return Ok(());
+        }
+        if text == self.rejected_text && trigger != "SIGHUP" {
+            // Rejected already; said so once.
+            return Ok(());
+        }
         let display = self.policy_path.display().to_string();
         let mut policy = match crate::policy::parse_policy_str(&display, &text) {
             Ok(checked) => {
@@ -361,7 +374,8 @@ impl Enforcer {
             }
             Err(diagnostics) => {
                 self.reload_errors += 1;
-                self.policy_text = text;
+                // Only an applied policy becomes the text to compare against.
+                self.rejected_text = text;
                 for d in diagnostics.iter().filter(|d| d.is_error()) {
                     error!(trigger = trigger, diagnostic = d.to_string(); "policy reload rejected; the previous policy stays in force");
                 }

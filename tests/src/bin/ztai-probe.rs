@@ -6,7 +6,21 @@
 //!                                                   # connect + one echo round trip (or a bulk upload)
 //! ztai-probe udp-echo    ADDR:PORT                  # prints "listening <addr>", sendto()s each datagram back
 //! ztai-probe udp-send    ADDR:PORT [--connect] [--expect-reply] [--bind A:P] [--count N] [--timeout-ms MS]
+//! ztai-probe tcp-loop    ADDR:PORT [ADDR:PORT...] [--timeout-ms MS] [--interval-ms MS] [--rounds N]
+//!                                                   # fresh TCP connection per attempt, round-robin; one line each
+//! ztai-probe tcp-echo    ADDR:PORT                  # prints "listening <addr>", echoes every line until the peer closes
+//! ztai-probe tcp-session ADDR:PORT [--rounds N] [--interval-ms MS] [--timeout-ms MS] [--bind A:P]
+//! ztai-probe udp-session ADDR:PORT [--rounds N] [--interval-ms MS] [--timeout-ms MS] [--bind A:P]
+//!                                                   # one connection, a request/response round every MS
 //! ```
+//!
+//! Sessions (`tcp-session` against `tcp-echo`, `udp-session` against `udp-echo` over a connected
+//! UDP socket) keep one connection and do a round trip every `--interval-ms` (default 50; the
+//! wait between rounds is a poll() on the socket, so a reset or close is seen at once) with a
+//! per-round deadline of `--timeout-ms`, for `--rounds` rounds (default 10; 0 = until one fails).
+//! They print `connected <local> <peer>`, then per round `round <i> ok <sent_ns> <rtt_us>` or, for
+//! the first failed one, `round <i> fail <sent_ns> <detected_ns> <ERRNO_NAME>` followed by the
+//! usual `err ...` line; `*_ns` are CLOCK_MONOTONIC nanoseconds (comparable across processes).
 //!
 //! `--timeout-ms` is the client's I/O deadline (connect, reads, UDP replies; default 5000).
 //! `--send-bytes K` uploads K bytes after a `ztai-probe bulk K` header line; the server reads
@@ -45,6 +59,10 @@ const BULK_PREFIX: &str = "ztai-probe bulk ";
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    // `tcp-loop` takes one or more addresses and parses its own options.
+    if args.first().is_some_and(|c| c == "tcp-loop") {
+        exit(tcp_loop(&args[1..]));
+    }
     let Some((cmd, rest)) = args.split_first() else {
         usage("missing command")
     };
@@ -60,6 +78,9 @@ fn main() {
         "tcp-connect" => tcp_connect(addr, &opts),
         "udp-echo" => udp_echo(addr),
         "udp-send" => udp_send(addr, &opts),
+        "tcp-echo" => tcp_echo(addr),
+        "tcp-session" => tcp_session(addr, &opts),
+        "udp-session" => udp_session(addr, &opts),
         other => usage(&format!("unknown command {other:?}")),
     };
     exit(code);
@@ -67,8 +88,9 @@ fn main() {
 
 fn usage(msg: &str) -> ! {
     eprintln!(
-        "ztai-probe: {msg}\nusage: ztai-probe tcp-listen|tcp-connect|udp-echo|udp-send ADDR:PORT \
-         [--connect] [--expect-reply] [--bind ADDR:PORT] [--timeout-ms MS] [--count N] [--send-bytes K]"
+        "ztai-probe: {msg}\nusage: ztai-probe tcp-listen|tcp-connect|udp-echo|udp-send|tcp-echo|tcp-session|udp-session \
+         ADDR:PORT [--connect] [--expect-reply] [--bind ADDR:PORT] [--timeout-ms MS] [--count N] \
+         [--send-bytes K] [--rounds N] [--interval-ms MS]"
     );
     exit(EXIT_USAGE)
 }
@@ -80,6 +102,10 @@ struct Opts {
     timeout: Duration,
     count: u32,
     send_bytes: Option<u64>,
+    /// Sessions: number of round trips (0 = until one fails).
+    rounds: u64,
+    /// Sessions: time from the start of one round to the start of the next.
+    interval: Duration,
 }
 
 impl Default for Opts {
@@ -91,6 +117,8 @@ impl Default for Opts {
             timeout: IO_TIMEOUT,
             count: 1,
             send_bytes: None,
+            rounds: 10,
+            interval: Duration::from_millis(50),
         }
     }
 }
@@ -135,6 +163,10 @@ impl Opts {
                     }
                 }
                 "--send-bytes" => o.send_bytes = Some(number(&mut it, "--send-bytes")),
+                "--rounds" => o.rounds = number(&mut it, "--rounds"),
+                "--interval-ms" => {
+                    o.interval = Duration::from_millis(number(&mut it, "--interval-ms"))
+                }
                 other => usage(&format!("unknown option {other:?}")),
             }
         }
@@ -723,4 +755,397 @@ fn udp_send(addr: SocketAddr, opts: &Opts) -> i32 {
     }
     say("ok");
     EXIT_OK
+}
+
+/// CLOCK_MONOTONIC in nanoseconds (the clock the tests read too).
+fn mono_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: ts is valid storage; CLOCK_MONOTONIC always exists on Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// The errno name a session prints for a failed round (timeouts as `ETIMEDOUT`, like [`fail`]).
+fn session_err_name(e: &io::Error) -> &'static str {
+    match e.raw_os_error() {
+        Some(libc::EINPROGRESS) | Some(libc::EAGAIN) | Some(libc::ETIMEDOUT) => "ETIMEDOUT",
+        Some(n) => errno_name(n),
+        None if e.kind() == io::ErrorKind::TimedOut => "ETIMEDOUT",
+        None if e.kind() == io::ErrorKind::UnexpectedEof => "EOF",
+        None => "EOTHER",
+    }
+}
+
+/// poll(2) on one fd for POLLIN, up to `timeout_ns` (rounded up to whole milliseconds).
+fn poll_in(fd: RawFd, timeout_ns: u64) -> io::Result<libc::c_short> {
+    let mut p = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ms = timeout_ns.div_ceil(1_000_000).min(i32::MAX as u64) as libc::c_int;
+    loop {
+        // SAFETY: one valid pollfd.
+        match unsafe { libc::poll(&mut p, 1, ms) } {
+            n if n < 0 => {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+            0 => return Ok(0),
+            _ => return Ok(p.revents),
+        }
+    }
+}
+
+/// The pending error of a socket (SO_ERROR), as an io::Error.
+fn socket_error(fd: RawFd) -> io::Error {
+    let mut v: libc::c_int = 0;
+    let mut len = size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: v/len are valid storage for an int option.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_ERROR,
+            &mut v as *mut _ as *mut libc::c_void,
+            &mut len,
+        )
+    };
+    if rc == 0 && v != 0 {
+        io::Error::from_raw_os_error(v)
+    } else {
+        io::Error::other("socket reported an error condition")
+    }
+}
+
+/// Waits until `until_ns` (the start of the next round) while watching the socket: a TCP peer
+/// that closes or resets, or an error queued on the socket, ends the wait with that error. Late
+/// UDP replies of earlier rounds are read and discarded.
+fn session_pace(fd: RawFd, until_ns: u64, udp: bool) -> io::Result<()> {
+    loop {
+        let now = mono_ns();
+        if now >= until_ns {
+            return Ok(());
+        }
+        let revents = poll_in(fd, until_ns - now)?;
+        if revents == 0 {
+            continue;
+        }
+        if revents & libc::POLLERR != 0 {
+            return Err(socket_error(fd));
+        }
+        if udp {
+            let mut buf = [0u8; 2048];
+            // SAFETY: recv into a local buffer of the given length.
+            let n =
+                unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::WouldBlock {
+                    return Err(e);
+                }
+            }
+            continue;
+        }
+        let mut b = [0u8; 1];
+        // SAFETY: peek one byte into a local buffer.
+        let n = unsafe {
+            libc::recv(
+                fd,
+                b.as_mut_ptr().cast(),
+                1,
+                libc::MSG_PEEK | libc::MSG_DONTWAIT,
+            )
+        };
+        match n {
+            0 => {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "peer closed the connection",
+                ));
+            }
+            n if n > 0 => return Err(io::Error::other("unexpected data between rounds")),
+            _ => {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::WouldBlock {
+                    return Err(e);
+                }
+                if revents & libc::POLLHUP != 0 {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "connection hung up",
+                    ));
+                }
+            }
+        }
+    }
+}
+
+/// Runs the rounds of a session on `fd`; `round(i)` does one request/response.
+fn session_rounds(
+    fd: RawFd,
+    opts: &Opts,
+    udp: bool,
+    mut round: impl FnMut(u64) -> io::Result<()>,
+) -> i32 {
+    let interval = opts.interval.as_nanos() as u64;
+    let mut next = mono_ns();
+    let mut i = 0u64;
+    loop {
+        i += 1;
+        if opts.rounds != 0 && i > opts.rounds {
+            break;
+        }
+        if let Err(e) = session_pace(fd, next, udp) {
+            let now = mono_ns();
+            say(&format!(
+                "round {i} fail {now} {now} {}",
+                session_err_name(&e)
+            ));
+            return fail(&format!("before round {i}"), &e);
+        }
+        let sent = mono_ns();
+        next = sent + interval;
+        match round(i) {
+            Ok(()) => {
+                let rtt_us = (mono_ns() - sent) / 1000;
+                say(&format!("round {i} ok {sent} {rtt_us}"));
+            }
+            Err(e) => {
+                let detected = mono_ns();
+                say(&format!(
+                    "round {i} fail {sent} {detected} {}",
+                    session_err_name(&e)
+                ));
+                return fail(&format!("round {i}"), &e);
+            }
+        }
+    }
+    say("ok");
+    EXIT_OK
+}
+
+/// A client socket of `ty` for a session: optional bind, I/O deadlines, connect, then prints
+/// `connected <local> <peer>`.
+fn session_socket(addr: SocketAddr, opts: &Opts, ty: libc::c_int) -> Result<OwnedFd, i32> {
+    let fd = new_socket(&addr, ty).map_err(|e| fail("socket", &e))?;
+    if let Some(b) = opts.bind {
+        bind(fd.as_raw_fd(), &b).map_err(|e| fail(&format!("bind {b}"), &e))?;
+    }
+    set_timeout(fd.as_raw_fd(), libc::SO_SNDTIMEO, opts.timeout)
+        .and_then(|()| set_timeout(fd.as_raw_fd(), libc::SO_RCVTIMEO, opts.timeout))
+        .map_err(|e| fail("setsockopt timeout", &e))?;
+    connect(fd.as_raw_fd(), &addr).map_err(|e| fail(&format!("connect {addr}"), &e))?;
+    let local = local_addr(fd.as_raw_fd()).map_err(|e| fail("getsockname", &e))?;
+    say(&format!("connected {local} {addr}"));
+    Ok(fd)
+}
+
+/// A TCP server echoing every line of each connection until the peer closes it.
+fn tcp_echo(addr: SocketAddr) -> i32 {
+    let fd = match server_socket(addr, libc::SOCK_STREAM) {
+        Ok(fd) => fd,
+        Err(code) => return code,
+    };
+    let listener = TcpListener::from(fd);
+    loop {
+        match listener.accept() {
+            Ok((stream, peer)) => {
+                say(&format!("accepted {peer}"));
+                std::thread::spawn(move || {
+                    let mut reader = BufReader::new(&stream);
+                    let mut line = String::new();
+                    loop {
+                        line.clear();
+                        match reader.read_line(&mut line) {
+                            Ok(0) | Err(_) => return,
+                            Ok(_) => {
+                                if (&stream).write_all(line.as_bytes()).is_err() {
+                                    return;
+                                }
+                            }
+                        }
+                    }
+                });
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => eprintln!("accept: {e}"),
+        }
+    }
+}
+
+fn tcp_session(addr: SocketAddr, opts: &Opts) -> i32 {
+    let fd = match session_socket(addr, opts, libc::SOCK_STREAM) {
+        Ok(fd) => fd,
+        Err(code) => return code,
+    };
+    let raw = fd.as_raw_fd();
+    let stream = TcpStream::from(fd);
+    let mut reader = BufReader::new(&stream);
+    let pid = std::process::id();
+    session_rounds(raw, opts, false, |i| {
+        let msg = format!("ztai-probe session {pid} {i}\n");
+        (&stream).write_all(msg.as_bytes())?;
+        let mut reply = String::new();
+        if reader.read_line(&mut reply)? == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "peer closed the connection",
+            ));
+        }
+        if reply != msg {
+            return Err(io::Error::other(format!(
+                "echo mismatch: sent {msg:?}, got {reply:?}"
+            )));
+        }
+        Ok(())
+    })
+}
+
+fn udp_session(addr: SocketAddr, opts: &Opts) -> i32 {
+    let fd = match session_socket(addr, opts, libc::SOCK_DGRAM) {
+        Ok(fd) => fd,
+        Err(code) => return code,
+    };
+    let raw = fd.as_raw_fd();
+    let sock = UdpSocket::from(fd);
+    let pid = std::process::id();
+    let timeout = opts.timeout.as_nanos() as u64;
+    session_rounds(raw, opts, true, |i| {
+        let payload = format!("ztai-probe session {pid} {i}");
+        sock.send(payload.as_bytes())?;
+        let deadline = mono_ns() + timeout;
+        let mut buf = [0u8; 2048];
+        loop {
+            let now = mono_ns();
+            if now >= deadline {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("no reply within {:?}", opts.timeout),
+                ));
+            }
+            let revents = poll_in(raw, deadline - now)?;
+            if revents == 0 {
+                continue;
+            }
+            if revents & libc::POLLERR != 0 {
+                return Err(socket_error(raw));
+            }
+            match sock.recv(&mut buf) {
+                // A late reply to an earlier round is skipped.
+                Ok(n) if &buf[..n] == payload.as_bytes() => return Ok(()),
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+        }
+    })
+}
+
+/// `tcp-loop ADDR [ADDR...] [--timeout-ms MS] [--interval-ms MS] [--rounds N]`: attempt after
+/// attempt, round-robin over the addresses, each a fresh TCP socket doing connect + one echo round
+/// trip (against `tcp-listen`) with an I/O deadline of `--timeout-ms` (default 1000). Attempt
+/// starts are `--interval-ms` apart (default 5); `--rounds N` stops after N attempts (default 0:
+/// until killed). Prints `looping <n> targets`, then one line per attempt:
+/// `attempt <i> <addr> ok <start_ns> <end_ns>` or
+/// `attempt <i> <addr> err <ERRNO_NAME> <start_ns> <end_ns> <message>` (CLOCK_MONOTONIC ns).
+fn tcp_loop(args: &[String]) -> i32 {
+    let mut targets: Vec<SocketAddr> = Vec::new();
+    let mut timeout = Duration::from_millis(1000);
+    let mut interval = Duration::from_millis(5);
+    let mut rounds: u64 = 0;
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--timeout-ms" => {
+                let ms: u64 = number(&mut it, "--timeout-ms");
+                if ms == 0 {
+                    usage("--timeout-ms must be more than 0");
+                }
+                timeout = Duration::from_millis(ms);
+            }
+            "--interval-ms" => interval = Duration::from_millis(number(&mut it, "--interval-ms")),
+            "--rounds" => rounds = number(&mut it, "--rounds"),
+            other if other.starts_with("--") => {
+                usage(&format!("unknown tcp-loop option {other:?}"))
+            }
+            addr => targets.push(
+                addr.parse()
+                    .unwrap_or_else(|e| usage(&format!("bad ADDR:PORT {addr:?}: {e}"))),
+            ),
+        }
+    }
+    if targets.is_empty() {
+        usage("tcp-loop needs at least one ADDR:PORT");
+    }
+    say(&format!("looping {} targets", targets.len()));
+    let pid = std::process::id();
+    let interval_ns = interval.as_nanos() as u64;
+    let mut i = 0u64;
+    while rounds == 0 || i < rounds {
+        let addr = targets[(i % targets.len() as u64) as usize];
+        i += 1;
+        let start = loop_clock_ns();
+        let result = tcp_loop_attempt(addr, timeout, pid, i);
+        let end = loop_clock_ns();
+        match result {
+            Ok(()) => say(&format!("attempt {i} {addr} ok {start} {end}")),
+            Err(e) => say(&format!(
+                "attempt {i} {addr} err {} {start} {end} {e}",
+                loop_err_name(&e)
+            )),
+        }
+        let next = start + interval_ns;
+        let now = loop_clock_ns();
+        if next > now {
+            std::thread::sleep(Duration::from_nanos(next - now));
+        }
+    }
+    say("ok");
+    EXIT_OK
+}
+
+/// One `tcp-loop` attempt: new socket, connect, one echoed line.
+fn tcp_loop_attempt(addr: SocketAddr, timeout: Duration, pid: u32, i: u64) -> io::Result<()> {
+    let fd = new_socket(&addr, libc::SOCK_STREAM)?;
+    set_timeout(fd.as_raw_fd(), libc::SO_SNDTIMEO, timeout)?;
+    set_timeout(fd.as_raw_fd(), libc::SO_RCVTIMEO, timeout)?;
+    connect(fd.as_raw_fd(), &addr)?;
+    let stream = TcpStream::from(fd);
+    let msg = format!("ztai-probe loop {pid} {i}\n");
+    (&stream).write_all(msg.as_bytes())?;
+    let mut reply = String::new();
+    BufReader::new(&stream).read_line(&mut reply)?;
+    if reply != msg {
+        return Err(io::Error::other(format!(
+            "echo mismatch: sent {msg:?}, got {reply:?}"
+        )));
+    }
+    Ok(())
+}
+
+/// Errno name of a failed `tcp-loop` attempt (deadlines as `ETIMEDOUT`, like [`fail`]).
+fn loop_err_name(e: &io::Error) -> &'static str {
+    match e.raw_os_error() {
+        Some(libc::EINPROGRESS) | Some(libc::EAGAIN) | Some(libc::ETIMEDOUT) => "ETIMEDOUT",
+        Some(n) => errno_name(n),
+        None if e.kind() == io::ErrorKind::TimedOut => "ETIMEDOUT",
+        None => "EOTHER",
+    }
+}
+
+/// CLOCK_MONOTONIC in nanoseconds (for `tcp-loop` lines).
+fn loop_clock_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: ts is valid storage; CLOCK_MONOTONIC always exists on Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
