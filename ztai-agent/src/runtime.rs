@@ -190,8 +190,9 @@ impl Labels {
         policy: &Policy,
         scanned: &[LabeledCgroup],
         reload_slot: Option<u8>,
-    ) -> Result<(), RuntimeError> {
+    ) -> Result<bool, RuntimeError> {
         let mut changed = Vec::new();
+        let mut relabeled = false;
         for c in scanned {
             let want = match (reload_slot, self.current.get(&c.id)) {
                 (Some(slot), Some(cur)) => {
@@ -201,6 +202,9 @@ impl Labels {
                 }
                 _ => CgroupLabel::same(c.segment),
             };
+            if let Some(cur) = self.current.get(&c.id) {
+                relabeled |= reload_slot.is_none() && cur.segment(self.slot) != c.segment;
+            }
             if self.current.get(&c.id) != Some(&want) {
                 if !c.also_matched.is_empty() && self.current.get(&c.id).map(|l| l.segment(self.slot)) != Some(c.segment) {
                     let others: Vec<&str> = c.also_matched.iter().map(|id| policy.segment_name(*id)).collect();
@@ -225,7 +229,7 @@ impl Labels {
                 self.current.remove(&id);
             }
         }
-        Ok(())
+        Ok(relabeled)
     }
 
     fn labeled_count(&self) -> usize {
@@ -297,7 +301,7 @@ impl Enforcer {
         e.datapath.write_policy(&compiled)?;
         let scanned = cgroups::scan(&e.root, &e.policy)?;
         let reload_slot = adopted.map(|_| slot_of(generation));
-        e.labels.apply(&mut e.datapath, &e.policy, &scanned, reload_slot)?;
+        let _ = e.labels.apply(&mut e.datapath, &e.policy, &scanned, reload_slot)?;
         e.datapath.switch_generation(generation)?;
         e.labels.slot = slot_of(generation);
         e.node.refresh_workloads(&e.root, &scanned);
@@ -314,12 +318,25 @@ impl Enforcer {
     fn relabel(&mut self) -> Result<(), RuntimeError> {
         match self.scan() {
             Ok(scanned) => {
-                self.labels.apply(&mut self.datapath, &self.policy, &scanned, None)?;
+                let relabeled = self.labels.apply(&mut self.datapath, &self.policy, &scanned, None)?;
                 self.names = names_for(&self.ids, &scanned);
+                if relabeled {
+                    self.revalidate_connections()?;
+                }
             }
             Err(e) => error!(error = format!("{e:#}"); "cgroup rescan failed"),
         }
         Ok(())
+    }
+
+    /// A workload changed segment without a policy change: apply the same
+    /// policy as a new generation, so the kernel judges every established
+    /// connection again on its next packet. (cgroup v2 forbids renaming
+    /// cgroups, so today only a reload relabels; this keeps the guarantee if
+    /// labeling ever gains another input.)
+    fn revalidate_connections(&mut self) -> Result<(), RuntimeError> {
+        self.policy_text.clear();
+        self.reload("relabel")
     }
 
     /// The periodic pass: relabel, workload addresses, retire the previous
@@ -330,10 +347,13 @@ impl Enforcer {
         }
         match self.scan() {
             Ok(scanned) => {
-                self.labels.apply(&mut self.datapath, &self.policy, &scanned, None)?;
+                let relabeled = self.labels.apply(&mut self.datapath, &self.policy, &scanned, None)?;
                 self.node.refresh_workloads(&self.root, &scanned);
                 self.node.apply(&mut self.datapath)?;
                 self.names = names_for(&self.ids, &scanned);
+                if relabeled {
+                    self.revalidate_connections()?;
+                }
             }
             Err(e) => error!(error = format!("{e:#}"); "cgroup rescan failed"),
         }
@@ -400,7 +420,7 @@ impl Enforcer {
             return Ok(());
         }
         let scanned = cgroups::scan(&self.root, &policy)?;
-        self.labels.apply(&mut self.datapath, &policy, &scanned, Some(slot_of(next)))?;
+        let _ = self.labels.apply(&mut self.datapath, &policy, &scanned, Some(slot_of(next)))?;
         self.datapath.switch_generation(next)?;
         self.labels.slot = slot_of(next);
         self.retiring = Some(slot_of(self.generation));
