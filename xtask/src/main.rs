@@ -1,4 +1,5 @@
 //! Project tasks: `cargo xtask setup | build | run | test`.
+mod demo;
 mod toolchain;
 
 use std::{
@@ -32,6 +33,16 @@ enum Task {
         release: bool,
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
+    },
+    /// The seed AI architecture with real services under the reference policy:
+    /// prints the reachability matrix, top flows and metrics (needs root).
+    Demo {
+        /// Non-interactive: assert the matrix, exit non-zero on any mismatch (CI).
+        #[arg(long)]
+        check: bool,
+        /// Run a copy of the reference policy with `spec.mode: audit`.
+        #[arg(long)]
+        audit: bool,
     },
     /// Unit tests, then the integration tests on the real kernel (need root).
     Test {
@@ -154,6 +165,7 @@ fn main() -> ExitCode {
             cmd.args(&args);
             run_cmd(&mut cmd)
         })(),
+        Task::Demo { check, audit } => demo::main(demo::Options { check, audit }, &workspace_root(), || build(false)),
         Task::Test { args } => (|| {
             ensure_test_packages()?;
             let agent = build(false)?;
