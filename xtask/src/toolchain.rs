@@ -95,10 +95,8 @@ fn nightly_libllvm() -> Result<(PathBuf, u32), String> {
     let entries = fs::read_dir(&lib).map_err(|e| format!("cannot list {}: {e}", lib.display()))?;
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().to_string();
-        if let Some(rest) = name.strip_prefix("libLLVM.so.") {
-            if let Some(major) = rest.split('.').next().and_then(|m| m.parse().ok()) {
-                return Ok((entry.path(), major));
-            }
+        if let Some(major) = name.strip_prefix("libLLVM.so.").and_then(|rest| rest.split('.').next()).and_then(|m| m.parse().ok()) {
+            return Ok((entry.path(), major));
         }
     }
     Err(format!(

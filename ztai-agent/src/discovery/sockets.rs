@@ -83,17 +83,17 @@ pub fn bound_sockets_of_labeled(mount: &Path, cgroups: &[LabeledCgroup]) -> Vec<
             }
             let Ok(fds) = proc.fd() else { continue };
             for fd in fds.flatten() {
-                if let FDTarget::Socket(inode) = fd.target {
-                    if let Some((proto, family, local)) = table.get(&inode) {
-                        out.push(BoundSocket {
-                            proto: *proto,
-                            family: *family,
-                            local: *local,
-                            cgroup_id: cg.id,
-                            segment: cg.segment,
-                            cookie: socket_cookie(pid, fd.fd),
-                        });
-                    }
+                if let FDTarget::Socket(inode) = fd.target
+                    && let Some((proto, family, local)) = table.get(&inode)
+                {
+                    out.push(BoundSocket {
+                        proto: *proto,
+                        family: *family,
+                        local: *local,
+                        cgroup_id: cg.id,
+                        segment: cg.segment,
+                        cookie: socket_cookie(pid, fd.fd),
+                    });
                 }
             }
         }
