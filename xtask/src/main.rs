@@ -1,5 +1,6 @@
-//! Project tasks: `cargo xtask setup | build | run | test`.
+//! Project tasks: `cargo xtask setup | build | run | test | demo | fuzz`.
 mod demo;
+mod fuzz;
 mod toolchain;
 
 use std::{
@@ -43,6 +44,12 @@ enum Task {
         /// Run a copy of the reference policy with `spec.mode: audit`.
         #[arg(long)]
         audit: bool,
+    },
+    /// Fuzz the policy parser and compiler (cargo-fuzz, installed if missing).
+    Fuzz {
+        /// How long to fuzz, in seconds.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
     },
     /// Unit tests, then the integration tests on the real kernel (need root).
     Test {
@@ -166,6 +173,7 @@ fn main() -> ExitCode {
             run_cmd(&mut cmd)
         })(),
         Task::Demo { check, audit } => demo::main(demo::Options { check, audit }, &workspace_root(), || build(false)),
+        Task::Fuzz { seconds } => fuzz::run(seconds),
         Task::Test { args } => (|| {
             ensure_test_packages()?;
             let agent = build(false)?;

@@ -22,7 +22,7 @@ use regex_automata::{Anchored, MatchKind};
 /// Bytes a DFA may use; bounds the work for pathological globs.
 const DFA_SIZE_LIMIT: usize = 4 << 20;
 /// Product states explored before giving up.
-const MAX_PRODUCT_STATES: usize = 1 << 20;
+const MAX_PRODUCT_STATES: usize = 1 << 16;
 /// Characters that make a glob more than a literal path (conservatively).
 const GLOB_META: &[char] = &['*', '?', '[', ']', '{', '}', '\\'];
 
@@ -132,6 +132,21 @@ fn byte_order() -> Vec<u8> {
     preferred.iter().copied().chain(rest).collect()
 }
 
+/// One byte per class of bytes that no DFA and no path rule tells apart
+/// (in `byte_order`'s preference, so reported paths stay readable): the
+/// search then steps over tens of bytes instead of 255.
+fn representative_bytes(dfas: &[&dense::DFA<Vec<u32>>]) -> Vec<u8> {
+    let mut seen = std::collections::HashSet::new();
+    byte_order()
+        .into_iter()
+        .filter(|&b| {
+            let classes: Vec<u8> = dfas.iter().map(|d| d.byte_classes().get(b)).collect();
+            let path = [PathState::Start, PathState::InName, PathState::AfterSlash].map(|s| path_step(s, b));
+            seen.insert((classes, path))
+        })
+        .collect()
+}
+
 type ProductState = (Vec<StateID>, PathState);
 
 /// Shortest well-formed cgroup path every DFA accepts (anchored, whole input).
@@ -147,7 +162,7 @@ fn shortest_common_path(dfas: &[&dense::DFA<Vec<u32>>]) -> Result<Option<Vec<u8>
     let mut parent: HashMap<ProductState, Option<(ProductState, u8)>> = HashMap::new();
     parent.insert(start.clone(), None);
     let mut queue = VecDeque::from([start]);
-    let bytes = byte_order();
+    let bytes = representative_bytes(dfas);
 
     while let Some(state) = queue.pop_front() {
         let accepts = state.1 == PathState::InName
