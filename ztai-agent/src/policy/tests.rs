@@ -601,3 +601,19 @@ fn reference_policy_is_least_privilege() {
     assert_eq!(enterprise.cidrs.len(), 2);
     assert!(enterprise.cgroups.is_empty());
 }
+
+/// Globs whose overlap can only be settled by exhausting a large product
+/// automaton (letters pinned at the same distance from the end) must come
+/// back quickly as "cannot decide" warnings, not stall `check` or a reload.
+#[test]
+fn adversarial_overlapping_globs_end_in_a_warning_not_a_stall() {
+    let segments: String = ('a'..='f')
+        .map(|c| format!("    s{c}: {{cgroups: [\"*{c}????????????\"]}}\n"))
+        .collect();
+    let text = format!(
+        "apiVersion: ztai.dev/v1alpha1\nkind: SegmentPolicy\nmetadata: {{name: t}}\nspec:\n  segments:\n{segments}  allow: []\n"
+    );
+    let checked = parse_policy_str("adversarial.yaml", &text).expect("valid, with warnings");
+    assert_eq!(checked.warnings.len(), 15, "one warning per pair of segments");
+    assert!(checked.warnings.iter().all(|w| w.message.contains("too complex")));
+}
