@@ -1,5 +1,6 @@
-//! Project tasks: `cargo xtask setup | build | run | test | demo | fuzz`.
+//! Project tasks: `cargo xtask setup | build | run | test | demo | fuzz | image`.
 mod demo;
+mod deploy;
 mod fuzz;
 mod toolchain;
 
@@ -45,6 +46,8 @@ enum Task {
         #[arg(long)]
         audit: bool,
     },
+    /// Build the static agent and the container image ztai-agent:dev (needs podman and root).
+    Image,
     /// Fuzz the policy parser and compiler (cargo-fuzz, installed if missing).
     Fuzz {
         /// How long to fuzz, in seconds.
@@ -98,7 +101,9 @@ fn have(program: &str) -> bool {
 /// reference OpenMetrics parser that checks /metrics.
 fn ensure_test_packages() -> anyhow::Result<()> {
     ensure_iproute2()?;
-    ensure_openmetrics_parser()
+    ensure_openmetrics_parser()?;
+    // podman (image test), systemd-analyze (unit test), kubernetes-validate (manifests).
+    deploy::ensure_packages().map_err(Into::into)
 }
 
 fn ensure_openmetrics_parser() -> anyhow::Result<()> {
@@ -174,6 +179,7 @@ fn main() -> ExitCode {
         })(),
         Task::Demo { check, audit } => demo::main(demo::Options { check, audit }, &workspace_root(), || build(false)),
         Task::Fuzz { seconds } => fuzz::run(seconds),
+        Task::Image => setup().and_then(|_| deploy::build_image().map_err(Into::into)),
         Task::Test { args } => (|| {
             ensure_test_packages()?;
             let agent = build(false)?;

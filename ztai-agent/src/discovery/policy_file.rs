@@ -1,8 +1,10 @@
 //! Changes to the policy file as events. The parent directory is watched, not
 //! the file: editors and config management replace files by writing a new one
 //! and renaming it over the old, which a watch on the file itself would miss.
+//! Any event in that folder counts: a Kubernetes ConfigMap volume updates by
+//! swapping a `..data` symlink the file points through, never touching the
+//! file's own name. The reload compares content, so unrelated events cost a read.
 use std::{
-    ffi::OsString,
     io,
     os::fd::{AsRawFd, RawFd},
     path::Path,
@@ -12,7 +14,6 @@ use inotify::{Inotify, WatchMask};
 
 pub struct PolicyFileWatcher {
     inotify: Inotify,
-    name: OsString,
 }
 
 impl PolicyFileWatcher {
@@ -21,18 +22,17 @@ impl PolicyFileWatcher {
             Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
             _ => std::path::PathBuf::from("."),
         };
-        let name = path
-            .file_name()
-            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "policy path has no file name"))?
-            .to_os_string();
+        if path.file_name().is_none() {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "policy path has no file name"));
+        }
         let inotify = Inotify::init()?;
         inotify
             .watches()
-            .add(&dir, WatchMask::CLOSE_WRITE | WatchMask::MOVED_TO | WatchMask::CREATE | WatchMask::ONLYDIR)?;
-        Ok(Self { inotify, name })
+            .add(&dir, WatchMask::CLOSE_WRITE | WatchMask::MOVED_TO | WatchMask::CREATE | WatchMask::DELETE | WatchMask::ONLYDIR)?;
+        Ok(Self { inotify })
     }
 
-    /// Reads pending events; true if one concerns the policy file.
+    /// Reads pending events; true if there were any.
     pub fn drain(&mut self) -> bool {
         let mut buf = [0u8; 4096];
         let mut touched = false;
@@ -40,10 +40,9 @@ impl PolicyFileWatcher {
             match self.inotify.read_events(&mut buf) {
                 Ok(events) => {
                     let mut any = false;
-                    for e in events {
+                    for _ in events {
                         any = true;
-                        touched |= e.name.is_some_and(|n| n == self.name.as_os_str())
-                            || e.mask.contains(inotify::EventMask::Q_OVERFLOW);
+                        touched = true;
                     }
                     if !any {
                         return touched;
