@@ -257,6 +257,8 @@ struct Enforcer {
     /// A previous agent's generation this one took over, if any.
     adopted: Option<u32>,
     labels: Labels,
+    /// The live policy's selectors, with each cgroup's answer remembered.
+    matcher: cgroups::SegmentMatcher,
     names: NameTable,
     node: NodeAddresses,
     reload_errors: u64,
@@ -275,6 +277,7 @@ impl Enforcer {
         // ours is written beside it and switched in, like a reload.
         let adopted = datapath.adopted_generation();
         let generation = adopted.map_or(1, |g| g + 1);
+        let policy_for_matcher = policy.clone();
         let host = local_addrs::host_addresses().map_err(io_err("cannot list this host's addresses"))?;
         let current = if adopted.is_some() { datapath.adopted_labels()? } else { HashMap::new() };
         let mut e = Self {
@@ -289,6 +292,7 @@ impl Enforcer {
             retiring: adopted.map(slot_of),
             adopted,
             labels: Labels { current, slot: slot_of(adopted.unwrap_or(generation)), failures: 0 },
+            matcher: cgroups::SegmentMatcher::new(&policy_for_matcher),
             names: NameTable::default(),
             node: NodeAddresses { netns_cookie, host, workloads: Vec::new() },
             reload_errors: 0,
@@ -299,7 +303,7 @@ impl Enforcer {
         }
         let compiled = compile(&e.policy, slot_of(generation));
         e.datapath.write_policy(&compiled)?;
-        let scanned = cgroups::scan(&e.root, &e.policy)?;
+        let scanned = cgroups::scan_with(&e.root, &mut e.matcher)?;
         let reload_slot = adopted.map(|_| slot_of(generation));
         let _ = e.labels.apply(&mut e.datapath, &e.policy, &scanned, reload_slot)?;
         e.datapath.switch_generation(generation)?;
@@ -310,8 +314,8 @@ impl Enforcer {
         Ok(e)
     }
 
-    fn scan(&self) -> Result<Vec<LabeledCgroup>, RuntimeError> {
-        Ok(cgroups::scan(&self.root, &self.policy)?)
+    fn scan(&mut self) -> Result<Vec<LabeledCgroup>, RuntimeError> {
+        Ok(cgroups::scan_with(&self.root, &mut self.matcher)?)
     }
 
     /// Labels new cgroups, forgets removed ones.
@@ -419,13 +423,15 @@ impl Enforcer {
             self.datapath.retire_slot(slot_of(next))?;
             return Ok(());
         }
-        let scanned = cgroups::scan(&self.root, &policy)?;
+        let mut matcher = cgroups::SegmentMatcher::new(&policy);
+        let scanned = cgroups::scan_with(&self.root, &mut matcher)?;
         let _ = self.labels.apply(&mut self.datapath, &policy, &scanned, Some(slot_of(next)))?;
         self.datapath.switch_generation(next)?;
         self.labels.slot = slot_of(next);
         self.retiring = Some(slot_of(self.generation));
         self.generation = next;
         self.policy = policy;
+        self.matcher = matcher;
         self.policy_text = text;
         self.names = names_for(&self.ids, &scanned);
         // Workload addresses follow at once, in both slots.

@@ -120,9 +120,84 @@ pub fn segment_of(policy: &Policy, rel_path: &str) -> (SegmentId, Vec<SegmentId>
     }
 }
 
+/// A policy's cgroup selectors as one glob set, with answers remembered by
+/// cgroup id: a cgroup's path never changes (cgroup v2 forbids renaming), so
+/// each cgroup is matched once per policy, not on every rescan.
+pub struct SegmentMatcher {
+    set: globset::GlobSet,
+    /// Segment of each glob in `set`, in file order.
+    owners: Vec<SegmentId>,
+    known: std::collections::HashMap<u64, (SegmentId, Vec<SegmentId>)>,
+}
+
+impl SegmentMatcher {
+    pub fn new(policy: &Policy) -> Self {
+        let mut builder = globset::GlobSetBuilder::new();
+        let mut owners = Vec::new();
+        for segment in &policy.segments {
+            for selector in &segment.cgroups {
+                // Same options as the parser, which already rejected bad globs.
+                if let Ok(glob) = globset::GlobBuilder::new(&selector.pattern).literal_separator(true).build() {
+                    builder.add(glob);
+                    owners.push(segment.id);
+                }
+            }
+        }
+        let set = builder.build().unwrap_or_else(|_| globset::GlobSet::empty());
+        Self { set, owners, known: std::collections::HashMap::new() }
+    }
+
+    /// Declared segments whose selectors match `rel_path`, file order.
+    fn matching(&self, rel_path: &str) -> Vec<SegmentId> {
+        let mut out: Vec<SegmentId> = Vec::new();
+        for i in self.set.matches(rel_path) {
+            let seg = self.owners[i];
+            if !out.contains(&seg) {
+                out.push(seg);
+            }
+        }
+        out
+    }
+
+    /// `segment_of`, with one glob-set pass per path level.
+    pub fn segment_of(&self, rel_path: &str) -> (SegmentId, Vec<SegmentId>) {
+        let mut path = rel_path;
+        loop {
+            let matches = self.matching(path);
+            if let Some((first, rest)) = matches.split_first() {
+                return (*first, rest.to_vec());
+            }
+            match path.rsplit_once('/') {
+                Some((parent, _)) => path = parent,
+                None if !path.is_empty() => path = "",
+                None => return (SEGMENT_HOST, Vec::new()),
+            }
+        }
+    }
+
+    fn cached(&mut self, id: u64, rel_path: &str) -> (SegmentId, Vec<SegmentId>) {
+        if let Some(hit) = self.known.get(&id) {
+            return hit.clone();
+        }
+        let answer = self.segment_of(rel_path);
+        self.known.insert(id, answer.clone());
+        answer
+    }
+
+    /// Forgets cgroups that are gone (their ids are never reused).
+    fn retain(&mut self, alive: &std::collections::HashSet<u64>) {
+        self.known.retain(|id, _| alive.contains(id));
+    }
+}
+
 /// Every cgroup at and below the attach point, labeled. Cgroups that vanish
 /// while being walked are skipped (they raced with their removal).
 pub fn scan(root: &CgroupRoot, policy: &Policy) -> Result<Vec<LabeledCgroup>, CgroupError> {
+    scan_with(root, &mut SegmentMatcher::new(policy))
+}
+
+/// `scan`, reusing what `matcher` already knows.
+pub fn scan_with(root: &CgroupRoot, matcher: &mut SegmentMatcher) -> Result<Vec<LabeledCgroup>, CgroupError> {
     let mut out = Vec::new();
     let mut stack = vec![root.path.clone()];
     while let Some(dir) = stack.pop() {
@@ -132,7 +207,7 @@ pub fn scan(root: &CgroupRoot, policy: &Policy) -> Result<Vec<LabeledCgroup>, Cg
             Err(source) => return Err(CgroupError::Read { path: dir, source }),
         };
         let rel = root.relative(&dir);
-        let (segment, also_matched) = segment_of(policy, &rel);
+        let (segment, also_matched) = matcher.cached(meta.ino(), &rel);
         out.push(LabeledCgroup { id: meta.ino(), rel_path: rel, segment, also_matched });
         let entries = match fs::read_dir(&dir) {
             Ok(e) => e,
@@ -145,6 +220,7 @@ pub fn scan(root: &CgroupRoot, policy: &Policy) -> Result<Vec<LabeledCgroup>, Cg
             }
         }
     }
+    matcher.retain(&out.iter().map(|c| c.id).collect());
     Ok(out)
 }
 
@@ -176,5 +252,21 @@ mod tests {
     fn mount_points_with_spaces_are_unescaped() {
         let mi = "26 25 0:24 / /mnt/cg\\040two rw - cgroup2 cgroup2 rw\n";
         assert_eq!(parse_cgroup2_mount(mi), Some(PathBuf::from("/mnt/cg two")));
+    }
+}
+
+#[cfg(test)]
+mod matcher_tests {
+    use super::*;
+    use crate::policy::parse_policy_str;
+
+    #[test]
+    fn the_glob_set_agrees_with_the_policy_selector_by_selector() {
+        let text = "apiVersion: ztai.dev/v1alpha1\nkind: SegmentPolicy\nmetadata: {name: t}\nspec:\n  segments:\n    a: {cgroups: [\"ai.slice/a*\", \"x/**\"]}\n    b: {cgroups: [\"ai.slice/*\"]}\n    c: {cgroups: [\"k/*/pod\"]}\n";
+        let policy = parse_policy_str("t.yaml", text).expect("valid").policy;
+        let m = SegmentMatcher::new(&policy);
+        for path in ["ai.slice/a1", "ai.slice/b", "ai.slice/a1/w", "x/y/z", "k/p/pod", "k/p/q/pod", "other", ""] {
+            assert_eq!(m.segment_of(path), segment_of(&policy, path), "{path}");
+        }
     }
 }
