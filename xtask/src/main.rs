@@ -1,8 +1,9 @@
-//! Project tasks: `cargo xtask setup | build | run | test | demo | fuzz | image`.
+//! Project tasks: `cargo xtask setup | build | run | test | demo | fuzz | image | vm-test`.
 mod demo;
 mod deploy;
 mod fuzz;
 mod toolchain;
+mod vm;
 
 use std::{
     path::{Path, PathBuf},
@@ -48,6 +49,12 @@ enum Task {
     },
     /// Build the static agent and the container image ztai-agent:dev (needs podman and root).
     Image,
+    /// The integration suite inside QEMU (TCG) on other kernels: 5.10, 6.1, 6.12, host or all
+    /// (repeatable; another series X.Y comes from Debian trixie-backports, e.g. 6.18).
+    VmTest {
+        #[arg(long, required = true, value_name = "5.10|6.1|6.12|host|all", value_delimiter = ',')]
+        kernel: Vec<String>,
+    },
     /// Fuzz the policy parser and compiler (cargo-fuzz, installed if missing).
     Fuzz {
         /// How long to fuzz, in seconds.
@@ -179,6 +186,7 @@ fn main() -> ExitCode {
         })(),
         Task::Demo { check, audit } => demo::main(demo::Options { check, audit }, &workspace_root(), || build(false)),
         Task::Fuzz { seconds } => fuzz::run(seconds),
+        Task::VmTest { kernel } => vm::vm_test(&kernel),
         Task::Image => setup().and_then(|_| deploy::build_image().map_err(Into::into)),
         Task::Test { args } => (|| {
             ensure_test_packages()?;
