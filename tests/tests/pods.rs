@@ -121,6 +121,18 @@ fn pods_are_segments_by_address_new_addresses_are_learned_and_an_exited_workload
         );
     }
 
+    // A's namespace may be learned a rescan after B's: wait until C -> A is reported with A's
+    // segment (before that, A's address is still the podnet cidr; both deny C).
+    let learned_a = try_wait_until(RESCAN_DEADLINE, || {
+        let out = ProbeCmd::tcp_connect(SocketAddr::new(pod_a.v4(), AB_PORT))
+            .in_netns(pod_c.netns())
+            .in_cgroup(&cg_c)
+            .run();
+        let v = agent.wait_violation_from(out.pid);
+        (v["dst"]["segment"] == "a").then_some(())
+    });
+    assert!(learned_a.is_some(), "A's address was never learned as segment a\n{}", agent.diagnostics());
+
     // C -> B is refused on every port; C -> A too.
     for (ip, port, dst) in [
         (pod_b.v4(), AB_PORT, "b"),

@@ -297,6 +297,7 @@ impl Enforcer {
             node: NodeAddresses { netns_cookie, host, workloads: Vec::new() },
             reload_errors: 0,
         };
+        e.datapath.set_host_netns(netns_cookie)?;
         if adopted.is_some() {
             // Leftovers of the generation before the adopted one.
             e.datapath.retire_slot(slot_of(generation))?;

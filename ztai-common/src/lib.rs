@@ -87,6 +87,10 @@ pub struct Config {
     /// rules, cidrs and labels are live.
     pub active_gen: u32,
     pub flags: u32,
+    /// Cookie of the agent's (the host's) network namespace. Packet programs
+    /// judge "is this address local?" against the host's addresses with it,
+    /// since `bpf_get_netns_cookie` reaches cgroup_skb only in Linux 6.15.
+    pub host_netns_cookie: u64,
 }
 
 /// A segment per policy generation: the value of `maps::CGROUP_LABELS`
@@ -390,7 +394,7 @@ mod layout_tests {
     // Sizes are part of the kernel ABI: a change here must be deliberate.
     #[test]
     fn sizes_have_no_implicit_padding() {
-        assert_eq!(size_of::<Config>(), 8);
+        assert_eq!(size_of::<Config>(), 16);
         assert_eq!(size_of::<CgroupLabel>(), 8);
         assert_eq!(size_of::<PairKey>(), 12);
         assert_eq!(size_of::<PairValue>(), 8);

@@ -2,7 +2,7 @@
 //! every socket under the attach point, and the inbound verdict for
 //! connections whose initiator is outside it (remote hosts, unlabeled local
 //! processes elsewhere), which no connect/sendmsg hook of ours ever saw.
-use aya_ebpf::{EbpfContext, helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie}, programs::SkBuffContext};
+use aya_ebpf::{EbpfContext, helpers::generated::bpf_get_socket_cookie, programs::SkBuffContext};
 use ztai_common::{
     COUNTED_BY_INITIATOR, COUNTED_BY_RESPONDER, COUNTER_ALLOWED, COUNTER_AUDITED, COUNTER_DENIED,
     COUNTER_INGRESS_DROPPED, CONFIG_FLAG_POLICY_LOADED, Conn, DIRECTION_INGRESS, FlowKey, HOOK_SKB_INGRESS,
@@ -107,6 +107,13 @@ enum Side {
     Ingress,
 }
 
+/// The host's network namespace: "local" for packet programs means loopback
+/// or one of the host's addresses (see `Config::host_netns_cookie`).
+#[inline(always)]
+fn host_netns() -> u64 {
+    CONFIG.get(0).map(|c| c.host_netns_cookie).unwrap_or(0)
+}
+
 /// Live policy: (map slot, epoch), or None before any policy is loaded.
 #[inline(always)]
 fn live_policy() -> Option<(u8, u16)> {
@@ -159,9 +166,8 @@ fn rejudge(ctx: &SkBuffContext, p: &Packet, side: Side, orig: bool, slot: u8, ep
     let here_is_initiator = (side == Side::Egress) == orig;
     let peer_addr = if side == Side::Egress { p.tuple.daddr } else { p.tuple.saddr };
     let (here_segment, cgroup_id) = skb_segment(ctx, slot);
-    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     let (mut src, mut dst) = (conn.flow.src, conn.flow.dst);
-    let peer_segment = if crate::identity::is_local(netns, &peer_addr) {
+    let peer_segment = if crate::identity::is_local(host_netns(), &peer_addr) {
         if here_is_initiator { dst } else { src }
     } else {
         remote_segment(slot, &peer_addr)
@@ -236,11 +242,11 @@ pub fn egress(ctx: &SkBuffContext) -> i32 {
 /// processes outside the attach point (those inside made a connection entry
 /// at their egress), i.e. `host`; remote ones by address.
 #[inline(always)]
-fn sender_segment(ctx: &SkBuffContext, generation: u8, saddr: &Addr) -> u32 {
+fn sender_segment(generation: u8, saddr: &Addr) -> u32 {
     if is_always_local(saddr) {
         return SEGMENT_HOST;
     }
-    let key = ztai_common::LocalAddrKey { netns_cookie: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) }, addr: *saddr };
+    let key = ztai_common::LocalAddrKey { netns_cookie: host_netns(), addr: *saddr };
     if unsafe { LOCAL_ADDRS.get(&key) }.is_some() {
         return SEGMENT_HOST;
     }
@@ -273,7 +279,7 @@ pub fn ingress(ctx: &SkBuffContext) -> i32 {
         None => (0, 0, false),
     };
     let (dst, cgroup_id) = skb_segment(ctx, generation);
-    let src = sender_segment(ctx, generation, &p.tuple.saddr);
+    let src = sender_segment(generation, &p.tuple.saddr);
     let v = if loaded {
         decide(generation, src, dst, p.tuple.proto, p.tuple.dport)
     } else {

@@ -229,6 +229,12 @@ impl Datapath {
         Ok(())
     }
 
+    /// Records the host's network namespace for the packet programs.
+    pub fn set_host_netns(&mut self, cookie: u64) -> Result<(), DatapathError> {
+        self.config.host_netns_cookie = cookie;
+        self.write_config()
+    }
+
     /// Makes generation `number` live: one array update, so every program
     /// sees either the old policy or the new one, never a mix.
     pub fn switch_generation(&mut self, number: u32) -> Result<(), DatapathError> {
