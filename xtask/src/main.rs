@@ -1,4 +1,5 @@
-//! Project tasks: `cargo xtask setup | build | run | test | demo | fuzz | image | vm-test`.
+//! Project tasks: `cargo xtask setup | build | run | test | demo | bench | fuzz | image | vm-test`.
+mod bench;
 mod demo;
 mod deploy;
 mod fuzz;
@@ -49,6 +50,12 @@ enum Task {
     },
     /// Build the static agent and the container image ztai-agent:dev (needs podman and root).
     Image,
+    /// Benchmarks against no enforcement and nftables; writes docs/benchmarks.md (needs root).
+    Bench {
+        /// Seconds, not minutes: tiny counts, one repetition (CI smoke test; never fails on targets).
+        #[arg(long)]
+        quick: bool,
+    },
     /// The integration suite inside QEMU (TCG) on other kernels: 5.10, 6.1, 6.12, host or all
     /// (repeatable; another series X.Y comes from Debian trixie-backports, e.g. 6.18).
     VmTest {
@@ -186,6 +193,7 @@ fn main() -> ExitCode {
         })(),
         Task::Demo { check, audit } => demo::main(demo::Options { check, audit }, &workspace_root(), || build(false)),
         Task::Fuzz { seconds } => fuzz::run(seconds),
+        Task::Bench { quick } => bench::run(quick, &workspace_root(), build),
         Task::VmTest { kernel } => vm::vm_test(&kernel),
         Task::Image => setup().and_then(|_| deploy::build_image().map_err(Into::into)),
         Task::Test { args } => (|| {
