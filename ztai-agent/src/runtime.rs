@@ -569,6 +569,11 @@ pub async fn run(config: RunConfig) -> Result<(), RuntimeError> {
         }))
     });
 
+    // Handlers before "ready": a SIGHUP sent as soon as we say ready must
+    // reload, not kill us (its default action).
+    let mut sigterm = signal(SignalKind::terminate()).map_err(io_err("cannot install SIGTERM handler"))?;
+    let mut sigint = signal(SignalKind::interrupt()).map_err(io_err("cannot install SIGINT handler"))?;
+    let mut sighup = signal(SignalKind::hangup()).map_err(io_err("cannot install SIGHUP handler"))?;
     info!(
         policy = policy_path.display().to_string(),
         name = enforcer.policy.name.as_str(),
@@ -585,9 +590,6 @@ pub async fn run(config: RunConfig) -> Result<(), RuntimeError> {
     );
     metrics_state.set_ready(true);
 
-    let mut sigterm = signal(SignalKind::terminate()).map_err(io_err("cannot install SIGTERM handler"))?;
-    let mut sigint = signal(SignalKind::interrupt()).map_err(io_err("cannot install SIGINT handler"))?;
-    let mut sighup = signal(SignalKind::hangup()).map_err(io_err("cannot install SIGHUP handler"))?;
     let mut rescan = tokio::time::interval(rescan_every);
     rescan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 

@@ -21,6 +21,7 @@ use super::sys;
 const ENV_ROLE: &str = "ZTAI_BENCH_CHILD";
 const ENV_CGROUP: &str = "ZTAI_BENCH_CGROUP";
 const ENV_ARGS: &str = "ZTAI_BENCH_ARGS";
+const ENV_CPU: &str = "ZTAI_BENCH_CPU";
 const SEP: char = '\u{1f}';
 
 /// The role this process was started for, if it is a bench child.
@@ -40,7 +41,8 @@ pub struct Proc {
 }
 
 impl Proc {
-    /// Runs `role` (with `key=value` args) in `cgroup`.
+    /// Runs `role` (with `key=value` args) in `cgroup`. Workloads (roles
+    /// whose cgroup is `client` or `server`) share one CPU, see [`workload_cpu`].
     pub fn role(role: &str, cgroup: &Path, args: &[String]) -> anyhow::Result<Proc> {
         let exe = std::env::current_exe().context("cannot find the xtask binary")?;
         let mut cmd = Command::new(exe);
@@ -48,6 +50,9 @@ impl Proc {
             .env(ENV_ROLE, role)
             .env(ENV_CGROUP, cgroup)
             .env(ENV_ARGS, join(args));
+        if cgroup.ends_with("client") || cgroup.ends_with("server") {
+            cmd.env(ENV_CPU, workload_cpu().to_string());
+        }
         Proc::spawn(format!("{role} in {}", cgroup.display()), cmd)
     }
 
@@ -206,6 +211,17 @@ impl Drop for Proc {
     }
 }
 
+/// The CPU the benchmarked client and server share: the last one. On a VM,
+/// two processes handing a connection back and forth across CPUs pay the
+/// hypervisor's idle/wake-up latency, which here varies about 5× between quiet
+/// and busy periods of the host; on one CPU each connection costs CPU work,
+/// which is what the comparisons are about.
+pub fn workload_cpu() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get() - 1)
+        .unwrap_or(0)
+}
+
 fn join(args: &[String]) -> String {
     args.iter()
         .map(String::as_str)
@@ -235,6 +251,9 @@ pub fn wait_tcp_listen(port: u16, timeout: Duration) -> anyhow::Result<()> {
 
 /// Entry point of a bench child process.
 pub fn child_main(role: &str) -> anyhow::Result<()> {
+    if let Some(cpu) = std::env::var(ENV_CPU).ok().and_then(|c| c.parse().ok()) {
+        sys::pin_to_cpu(cpu).context("cannot pin to a CPU")?;
+    }
     if let Some(cg) = std::env::var_os(ENV_CGROUP) {
         let cg = PathBuf::from(cg);
         std::fs::write(cg.join("cgroup.procs"), "0\n")
@@ -264,6 +283,7 @@ pub fn child_main(role: &str) -> anyhow::Result<()> {
                 .env_remove(ENV_ROLE)
                 .env_remove(ENV_CGROUP)
                 .env_remove(ENV_ARGS)
+                .env_remove(ENV_CPU)
                 .exec();
             Err(anyhow!("cannot exec {prog}: {err}"))
         }

@@ -92,7 +92,7 @@ impl Params {
                 conn_warm: 1_000,
                 sizes: grid(&[10, 1_000, 10_000], &[10, 1_000]),
                 naive_sizes: grid(&[10, 1_000, 10_000], &[10, 1_000]),
-                bulk_secs: 4,
+                bulk_secs: 3,
                 udp_n: 300_000,
                 udp_warm: 10_000,
                 udp_size: 64,
@@ -175,6 +175,10 @@ impl Config {
 pub struct Results {
     /// µs per connection.
     pub conn: BTreeMap<Config, Samples>,
+    /// Per configuration: its time ÷ that of the no-programs run just before it.
+    pub conn_ratio: BTreeMap<Config, Samples>,
+    pub bulk_ratio: BTreeMap<Config, Samples>,
+    pub udp_ratio: BTreeMap<Config, Samples>,
     /// µs per connection over the whole run (stalls included).
     pub conn_mean: BTreeMap<Config, Samples>,
     /// Connects refused (RST to the SYN) and retried, over all repetitions.
@@ -452,6 +456,11 @@ impl Bench {
 
     fn activate(&mut self, cfg: Config) -> anyhow::Result<Active> {
         self.fresh_netns()?;
+        self.attach(cfg)
+    }
+
+    /// Enforcement for `cfg` in the current network namespace.
+    fn attach(&self, cfg: Config) -> anyhow::Result<Active> {
         Ok(match cfg {
             Config::Base => Active::None,
             Config::Ztai(size) => Active::Agent(Box::new(self.start_agent(size, false)?.0)),
@@ -554,7 +563,7 @@ impl Bench {
     }
 
     pub fn connections(&mut self) -> anyhow::Result<()> {
-        let mut configs = vec![Config::Base];
+        let mut configs = Vec::new();
         for &s in &self.p.sizes {
             configs.push(Config::Ztai(s));
             if self.have_nft {
@@ -571,7 +580,14 @@ impl Bench {
         for rep in 0..self.p.reps {
             for cfg in Self::order(&configs, rep) {
                 check_interrupt()?;
-                let active = self.activate(cfg)?;
+                // Each configuration is paired with a no-programs run made just
+                // before it in the same fresh namespace: the ratio of the pair
+                // survives the minutes-long slow periods of a shared machine.
+                self.fresh_netns()?;
+                let base = self
+                    .conn_once(self.p.conn_n, self.p.conn_warm)
+                    .context("connection loop, no programs (pair)")?;
+                let active = self.attach(cfg)?;
                 if rep == 0 {
                     self.sanity(cfg)?;
                 }
@@ -579,12 +595,13 @@ impl Bench {
                 self.deactivate(active)?;
                 let t = result.with_context(|| format!("connection loop, {}", cfg.label()))?;
                 progress(&format!(
-                    "connections rep {}/{}: {:<48} {:8.2} µs/conn (mean {:.2}){}{}",
+                    "connections rep {}/{}: {:<48} {:8.2} µs/conn (mean {:.2}; pair's no-programs run {:.2}){}{}",
                     rep + 1,
                     self.p.reps,
                     cfg.label(),
                     t.per_op_us,
                     t.mean_us,
+                    base.per_op_us,
                     if t.stalled > 0 {
                         format!(", {} stalled chunks", t.stalled)
                     } else {
@@ -596,10 +613,17 @@ impl Bench {
                         String::new()
                     }
                 ));
-                self.r.conn.entry(cfg).or_default().push(t.per_op_us);
-                self.r.conn_mean.entry(cfg).or_default().push(t.mean_us);
-                *self.r.conn_refused.entry(cfg).or_default() += t.refused;
-                *self.r.conn_stalled.entry(cfg).or_default() += t.stalled;
+                for (c, x) in [(Config::Base, &base), (cfg, &t)] {
+                    self.r.conn.entry(c).or_default().push(x.per_op_us);
+                    self.r.conn_mean.entry(c).or_default().push(x.mean_us);
+                    *self.r.conn_refused.entry(c).or_default() += x.refused;
+                    *self.r.conn_stalled.entry(c).or_default() += x.stalled;
+                }
+                self.r
+                    .conn_ratio
+                    .entry(cfg)
+                    .or_default()
+                    .push(t.per_op_us / base.per_op_us);
             }
         }
         Ok(())
@@ -684,7 +708,6 @@ impl Bench {
             "built-in loop (one TCP stream, 128 KiB writes)".into()
         };
         let mut configs = vec![
-            Config::Base,
             Config::Ztai(self.p.smallest()),
             Config::Ztai(self.p.largest()),
         ];
@@ -694,17 +717,24 @@ impl Bench {
         for rep in 0..self.p.reps {
             for cfg in Self::order(&configs, rep) {
                 check_interrupt()?;
-                let active = self.activate(cfg)?;
+                // Paired with a no-programs run just before it (see `connections`).
+                self.fresh_netns()?;
+                let base = self
+                    .bulk_once()
+                    .context("bulk throughput, no programs (pair)")?;
+                let active = self.attach(cfg)?;
                 let result = self.bulk_once();
                 self.deactivate(active)?;
                 let g = result.with_context(|| format!("bulk throughput, {}", cfg.label()))?;
                 progress(&format!(
-                    "bulk rep {}/{}: {:<48} {g:8.2} Gbit/s",
+                    "bulk rep {}/{}: {:<48} {g:8.2} Gbit/s (pair's no-programs run {base:.2})",
                     rep + 1,
                     self.p.reps,
                     cfg.label()
                 ));
+                self.r.bulk.entry(Config::Base).or_default().push(base);
                 self.r.bulk.entry(cfg).or_default().push(g);
+                self.r.bulk_ratio.entry(cfg).or_default().push(g / base);
             }
         }
         Ok(())
@@ -750,30 +780,39 @@ impl Bench {
 
     pub fn udp(&mut self) -> anyhow::Result<()> {
         let (small, large) = (self.p.smallest(), self.p.largest());
-        let mut configs = vec![Config::Base, Config::Ztai(small), Config::Ztai(large)];
+        let mut configs = vec![Config::Ztai(small), Config::Ztai(large)];
         if self.have_nft {
             configs.extend([Config::NftSets(small), Config::NftSets(large)]);
         }
         for rep in 0..self.p.reps {
             for cfg in Self::order(&configs, rep) {
                 check_interrupt()?;
-                let active = self.activate(cfg)?;
+                // Paired with a no-programs run just before it (see `connections`).
+                self.fresh_netns()?;
+                let base = self.udp_once().context("UDP loop, no programs (pair)")?;
+                let active = self.attach(cfg)?;
                 let result = self.udp_once();
                 self.deactivate(active)?;
                 let (rate, delivered, stalls) =
                     result.with_context(|| format!("UDP loop, {}", cfg.label()))?;
-                *self.r.udp_stalled.entry(cfg).or_default() += stalls;
                 progress(&format!(
-                    "udp rep {}/{}: {:<48} {:8.0} kdatagrams/s sent, {:.0}% received",
+                    "udp rep {}/{}: {:<48} {:8.0} kdatagrams/s sent, {:.0}% received (pair's no-programs run {:.0})",
                     rep + 1,
                     self.p.reps,
                     cfg.label(),
                     rate / 1e3,
-                    delivered * 100.0
+                    delivered * 100.0,
+                    base.0 / 1e3
                 ));
-                let e = self.r.udp.entry(cfg).or_default();
-                e.0.push(rate);
-                e.1.push(delivered);
+                for (c, (rate, delivered, stalls)) in
+                    [(Config::Base, base), (cfg, (rate, delivered, stalls))]
+                {
+                    *self.r.udp_stalled.entry(c).or_default() += stalls;
+                    let e = self.r.udp.entry(c).or_default();
+                    e.0.push(rate);
+                    e.1.push(delivered);
+                }
+                self.r.udp_ratio.entry(cfg).or_default().push(rate / base.0);
             }
         }
         Ok(())

@@ -151,8 +151,12 @@ fn group(x: f64) -> String {
 }
 
 impl Report<'_> {
-    fn conn(&self, c: Config) -> f64 {
-        med(self.r.conn.get(&c))
+    /// Median of `c`'s time ÷ that of the no-programs run paired with it.
+    fn ratio(&self, c: Config) -> f64 {
+        if c == Config::Base {
+            return 1.0;
+        }
+        med(self.r.conn_ratio.get(&c))
     }
 
     fn segment_counts(&self) -> BTreeSet<usize> {
@@ -180,7 +184,6 @@ impl Report<'_> {
 
     pub fn targets(&self) -> Vec<Target> {
         let mut t = Vec::new();
-        let base = self.conn(Config::Base);
         let sizes = &self.params.sizes;
         let small = self.params.smallest();
         let largest_rules = *self.rule_counts().iter().max().unwrap_or(&0);
@@ -189,7 +192,7 @@ impl Report<'_> {
         // 1. connection overhead
         let over: Vec<(Size, f64)> = sizes
             .iter()
-            .map(|&s| (s, self.conn(Config::Ztai(s)) / base - 1.0))
+            .map(|&s| (s, self.ratio(Config::Ztai(s)) - 1.0))
             .filter(|(_, x)| !x.is_nan())
             .collect();
         let worst = over.iter().copied().max_by(|a, b| a.1.total_cmp(&b.1));
@@ -199,7 +202,7 @@ impl Report<'_> {
             measured: match worst {
                 Some((s, w)) => format!(
                     "{} at {}; worst {} at {}",
-                    pct(self.conn(Config::Ztai(small)) / base - 1.0),
+                    pct(self.ratio(Config::Ztai(small)) - 1.0),
                     fmt_size(small),
                     pct(w),
                     fmt_size(s)
@@ -298,11 +301,11 @@ impl Report<'_> {
         // 4. connection cost vs rule count
         let mut changes = Vec::new();
         for segs in self.segment_counts() {
-            let a = self.conn(Config::Ztai(Size {
+            let a = self.ratio(Config::Ztai(Size {
                 rules: smallest_rules,
                 segments: segs,
             }));
-            let b = self.conn(Config::Ztai(Size {
+            let b = self.ratio(Config::Ztai(Size {
                 rules: largest_rules,
                 segments: segs,
             }));
@@ -341,7 +344,7 @@ impl Report<'_> {
             .map(|&s| {
                 (
                     s,
-                    self.conn(Config::Ztai(s)) / self.conn(Config::NftSets(s)),
+                    self.ratio(Config::Ztai(s)) / self.ratio(Config::NftSets(s)),
                 )
             })
             .filter(|(_, x)| !x.is_nan())
@@ -366,14 +369,19 @@ impl Report<'_> {
         // 6. bulk
         let bb = med(self.r.bulk.get(&Config::Base));
         let bz = med(self.r.bulk.get(&Config::Ztai(small)));
-        let loss = 1.0 - bz / bb;
+        let loss = 1.0 - med(self.r.bulk_ratio.get(&Config::Ztai(small)));
         t.push(Target {
             name: "Bulk throughput overhead (ztai as a whole: hooks + flow counting)",
             goal: "≤ 3 %",
             measured: if loss.is_nan() {
                 "n/a".into()
             } else {
-                format!("{} throughput ({:.1} vs {:.1} Gbit/s)", pct(-loss), bz, bb)
+                format!(
+                    "{} throughput (median of paired ratios; medians {:.1} vs {:.1} Gbit/s)",
+                    pct(-loss),
+                    bz,
+                    bb
+                )
             },
             status: status((!loss.is_nan()).then_some(loss <= 0.03)),
         });
@@ -561,7 +569,7 @@ impl Report<'_> {
         );
         let _ = writeln!(
             o,
-            "Absolute numbers from a shared VM are not claims; compare the ratios, which come from configurations alternated within each repetition.\n"
+            "Absolute numbers from a shared VM are not claims; compare the ratios. Every measured configuration is paired with a no-programs run made just before it in the same fresh network namespace, and *vs no programs* is the median (and range) over the repetitions of that pair's ratio: other tenants slow this machine down for minutes at a time, and a pair rarely straddles such a change. The order of configurations rotates between repetitions.\n"
         );
 
         o.push_str("### Targets\n\n| target | goal | measured | |\n| --- | --- | --- | --- |\n");
@@ -581,12 +589,12 @@ impl Report<'_> {
         if !r.conn.is_empty() {
             let _ = writeln!(
                 o,
-                "\n### 1. Connection cost\n\nOne client process in segment `client` opens {} connections to a server process in segment `server` on 127.0.0.1 (after {} warm-up ones): connect, wait until the server has accepted and closed, close (RST). Each run is timed in 20 chunks and counts with its median chunk, so that another tenant taking the CPU for a moment spoils a chunk, not the run (*mean* = the whole run, such stalls included); median, min and max of {} repetitions; configurations alternate within each repetition. Policies: the `client → server` rule plus filler rules between filler segments (every rule distinct; the benchmarked rule last). nftables runs in the same network namespace with the same policy: *sets* = the sender's segment put in the conntrack mark with one `socket cgroupv2` map lookup on output, then one concatenated-set lookup `(mark . receiving socket's cgroupv2 . l4proto . dport)` on input; *naive* = the same as linear chains (one rule per segment and per allowed port).\n",
+                "\n### 1. Connection cost\n\nOne client process in segment `client` opens {} connections to a server process in segment `server` on 127.0.0.1 (after {} warm-up ones): connect, wait until the server has accepted and closed, close (RST); client and server share one CPU. Each run is timed in 20 chunks and counts with its median chunk, so that another tenant taking the CPU for a moment spoils a chunk, not the run (*mean* = the whole run, such stalls included); median, min and max of {} repetitions (the no-programs row: of all pairs). Policies: the `client → server` rule plus filler rules between filler segments (every rule distinct; the benchmarked rule last). nftables runs in the same network namespace with the same policy: *sets* = the sender's segment put in the conntrack mark with one `socket cgroupv2` map lookup on output, then one concatenated-set lookup `(mark . receiving socket's cgroupv2 . l4proto . dport)` on input; *naive* = the same as linear chains (one rule per segment and per allowed port).\n",
                 group(p.conn_n as f64),
                 group(p.conn_warm as f64),
                 p.reps
             );
-            o.push_str("| configuration | rules | segments | median µs/connection | min | max | vs no programs | mean µs/connection |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n");
+            o.push_str("| configuration | rules | segments | median µs/connection | min | max | vs no programs, paired (range) | mean µs/connection |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n");
             for (c, s) in &r.conn {
                 let (rules, segs) = c
                     .size()
@@ -594,12 +602,12 @@ impl Report<'_> {
                     .unwrap_or(("–".into(), "–".into()));
                 let _ = writeln!(
                     o,
-                    "| {} | {rules} | {segs} | {:.2} | {:.2} | {:.2} | {:.3} | {:.2} |",
+                    "| {} | {rules} | {segs} | {:.2} | {:.2} | {:.2} | {} | {:.2} |",
                     c.kind(),
                     s.median(),
                     s.min(),
                     s.max(),
-                    s.median() / base,
+                    ratio_cell(*c, r.conn_ratio.get(c)),
                     med(r.conn_mean.get(c))
                 );
             }
@@ -648,17 +656,16 @@ impl Report<'_> {
                 "### 2. Bulk throughput\n\n{}, `client` → `server`, {} s per run (iperf3: its median one-second interval), {} repetitions. ztai has no switch to turn flow counting off: the comparison is no programs vs ztai as a whole (verdict hooks plus per-packet flow counting in `cgroup_skb`), so its overhead is ztai's entire datapath cost.\n",
                 r.bulk_tool, p.bulk_secs, p.reps
             );
-            o.push_str("| configuration | median Gbit/s | min | max | vs no programs |\n| --- | ---: | ---: | ---: | ---: |\n");
-            let bb = med(r.bulk.get(&Config::Base));
+            o.push_str("| configuration | median Gbit/s | min | max | vs no programs, paired (range) |\n| --- | ---: | ---: | ---: | ---: |\n");
             for (c, s) in &r.bulk {
                 let _ = writeln!(
                     o,
-                    "| {} | {:.2} | {:.2} | {:.2} | {:.3} |",
+                    "| {} | {:.2} | {:.2} | {:.2} | {} |",
                     c.label(),
                     s.median(),
                     s.min(),
                     s.max(),
-                    s.median() / bb
+                    ratio_cell(*c, r.bulk_ratio.get(c))
                 );
             }
         }
@@ -672,21 +679,16 @@ impl Report<'_> {
                 p.udp_size,
                 p.reps
             );
-            o.push_str("| configuration | median kdatagrams/s | min | max | vs no programs | received |\n| --- | ---: | ---: | ---: | ---: | ---: |\n");
-            let ub = r
-                .udp
-                .get(&Config::Base)
-                .map(|x| x.0.median())
-                .unwrap_or(f64::NAN);
+            o.push_str("| configuration | median kdatagrams/s | min | max | vs no programs, paired (range) | received |\n| --- | ---: | ---: | ---: | ---: | ---: |\n");
             for (c, (rate, recv)) in &r.udp {
                 let _ = writeln!(
                     o,
-                    "| {} | {:.0} | {:.0} | {:.0} | {:.3} | {:.0} % |",
+                    "| {} | {:.0} | {:.0} | {:.0} | {} | {:.0} % |",
                     c.label(),
                     rate.median() / 1e3,
                     rate.min() / 1e3,
                     rate.max() / 1e3,
-                    rate.median() / ub,
+                    ratio_cell(*c, r.udp_ratio.get(c)),
                     recv.median() * 100.0
                 );
             }
@@ -970,11 +972,11 @@ impl Report<'_> {
         // Measured causes
         o.push_str("\n### Measured decomposition\n\n");
         let small = p.smallest();
-        if let (Some(b), z) = (r.bpf.get(&small), med(r.conn.get(&Config::Ztai(small)))) {
-            let over_ns = (z - base) * 1e3;
+        if let (Some(b), z) = (r.bpf.get(&small), self.ratio(Config::Ztai(small))) {
+            let over_ns = (z - 1.0) * base * 1e3;
             let _ = writeln!(
                 o,
-                "- Connection overhead at {}: {:.0} ns per connection measured end to end; the ztai programs themselves run {:.0} ns of CPU per connection (bpf_stats, all hooks of client and server summed; the server's share runs partly in parallel on the other CPU).",
+                "- Connection overhead at {}: {:.0} ns per connection measured end to end; the ztai programs themselves run {:.0} ns of CPU per connection (bpf_stats, all hooks of client and server summed).",
                 fmt_size(small),
                 over_ns,
                 b.ns_per_conn.median()
@@ -1012,7 +1014,6 @@ impl Report<'_> {
 
     /// (all configurations, ztai vs nftables sets only): connection cost relative to no programs.
     fn charts(&self) -> (String, String) {
-        let base = self.conn(Config::Base);
         let mut all = Vec::new();
         let mut zoom = Vec::new();
         for segs in self.segment_counts() {
@@ -1027,15 +1028,10 @@ impl Report<'_> {
                 ("nftables naive", "#d62728"),
             ] {
                 let mut pts = Vec::new();
-                for (c, s) in &self.r.conn {
+                for (c, s) in &self.r.conn_ratio {
                     if c.kind() == kind && c.size().is_some_and(|z| z.segments == segs) {
                         let z = c.size().expect("sized");
-                        pts.push((
-                            z.rules as f64,
-                            s.median() / base,
-                            s.min() / base,
-                            s.max() / base,
-                        ));
+                        pts.push((z.rules as f64, s.median(), s.min(), s.max()));
                     }
                 }
                 if pts.is_empty() {
@@ -1060,6 +1056,15 @@ impl Report<'_> {
             ),
             chart(&zoom, "ztai vs nftables sets (relative to no programs)"),
         )
+    }
+}
+
+/// "1.123 (1.100–1.150)": the median and range of a configuration's paired ratios.
+fn ratio_cell(c: Config, ratios: Option<&Samples>) -> String {
+    match ratios {
+        _ if c == Config::Base => "1".into(),
+        Some(x) => format!("{:.3} ({:.3}–{:.3})", x.median(), x.min(), x.max()),
+        None => "n/a".into(),
     }
 }
 
@@ -1265,7 +1270,7 @@ fn chart(series: &[Series], title: &str) -> String {
     );
     let _ = writeln!(
         s,
-        r##"<text x="{lx}" y="{}" fill="#555">bars: min–max of repetitions</text>"##,
+        r##"<text x="{lx}" y="{}" fill="#555">bars: min–max of the paired ratios</text>"##,
         ly + 24.0
     );
     s.push_str("</svg>\n");

@@ -25,6 +25,7 @@ mod c {
         pub fn connect(fd: i32, addr: *const u8, len: u32) -> i32;
         pub fn fcntl(fd: i32, cmd: i32, ...) -> i32;
         pub fn wait4(pid: i32, status: *mut i32, options: i32, rusage: *mut i64) -> i32;
+        pub fn sched_setaffinity(pid: i32, size: usize, mask: *const u64) -> i32;
     }
 }
 
@@ -240,4 +241,18 @@ pub fn run_measured(
     drop(child);
     let exited_ok = status & 0x7f == 0 && (status >> 8) & 0xff == 0;
     Ok((exited_ok, start.elapsed(), usage[4].max(0) as u64))
+}
+
+/// Pins the calling process (and what it execs or forks later) to one CPU.
+pub fn pin_to_cpu(cpu: usize) -> io::Result<()> {
+    let mut mask = [0u64; 16];
+    if cpu >= mask.len() * 64 {
+        return Err(io::Error::other(format!("cpu {cpu} out of range")));
+    }
+    mask[cpu / 64] |= 1 << (cpu % 64);
+    // SAFETY: a valid cpu_set_t-sized mask for this process (pid 0).
+    if unsafe { c::sched_setaffinity(0, std::mem::size_of_val(&mask), mask.as_ptr()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
