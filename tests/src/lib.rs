@@ -69,6 +69,24 @@ pub fn current_test_name(fallback: &str) -> String {
     }
 }
 
+/// Prints a skip notice straight to stderr: libtest captures `print!`/`eprint!` of passing
+/// tests, and a skip must be visible in every run.
+pub fn print_skip(test: &str, why: &str) {
+    use std::io::Write as _;
+    let _ = writeln!(std::io::stderr(), "SKIPPED: {test} {why}");
+}
+
+/// Why the agent refuses this kernel, if it does: the agent's own check, so tests skip exactly
+/// where the agent would refuse to start. Any other failure of the check (e.g. no uname) is not
+/// a reason to skip: the agent then fails to start and the test fails.
+pub fn kernel_refusal() -> Option<String> {
+    use ztai_agent::discovery::kernel::{KernelError, check};
+    match check() {
+        Err(e @ KernelError::TooOld { .. }) => Some(e.to_string()),
+        _ => None,
+    }
+}
+
 /// Skips (returns early from) the calling test when not root, printing
 /// `SKIPPED: <test> needs root (cgroup and eBPF access)`.
 ///
@@ -78,9 +96,26 @@ pub fn current_test_name(fallback: &str) -> String {
 macro_rules! require_root {
     () => {
         if !$crate::is_root() {
-            println!(
-                "SKIPPED: {} needs root (cgroup and eBPF access)",
-                $crate::current_test_name(module_path!())
+            $crate::print_skip(
+                &$crate::current_test_name(module_path!()),
+                "needs root (cgroup and eBPF access)",
+            );
+            return;
+        }
+    };
+}
+
+/// [`require_root!`], then skips when the agent refuses this kernel (it lacks a feature ztai
+/// needs), printing `SKIPPED: <test> needs a kernel the agent supports: <the agent's refusal>`.
+/// On a supported kernel nothing is skipped: an agent that fails to load fails the test.
+#[macro_export]
+macro_rules! require_agent {
+    () => {
+        $crate::require_root!();
+        if let Some(why) = $crate::kernel_refusal() {
+            $crate::print_skip(
+                &$crate::current_test_name(module_path!()),
+                &format!("needs a kernel the agent supports: {why}"),
             );
             return;
         }

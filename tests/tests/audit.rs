@@ -13,7 +13,7 @@ use serde_json::Value;
 use ztai_tests::metrics::{FlowCounts, sample_value};
 use ztai_tests::{
     Agent, Cgroup, DEFAULT_TIMEOUT, Policy, ProbeCmd, ProbeOutcome, TestCgroup, loopback_targets,
-    require_root,
+    require_agent,
 };
 
 const SCRAPE_DEADLINE: Duration = Duration::from_secs(15);
@@ -150,7 +150,7 @@ fn lines_for(agent: &Agent, proto: &str, port: u16) -> Vec<Value> {
 #[test]
 fn whole_policy_audit_lets_a_would_be_tcp_denial_pass_over_ipv4_ipv6_and_v4_mapped_and_reports_each_connection_once_as_audit()
  {
-    require_root!();
+    require_agent!();
     const PORT: u16 = 27532;
     let cg = TestCgroup::new();
     let orch = cg.child("orch");
@@ -216,7 +216,7 @@ fn whole_policy_audit_lets_a_would_be_tcp_denial_pass_over_ipv4_ipv6_and_v4_mapp
 #[test]
 fn whole_policy_audit_lets_would_be_udp_denials_pass_connected_and_unconnected_and_reports_them_as_audit()
  {
-    require_root!();
+    require_agent!();
     const PORT: u16 = 27532;
     let cg = TestCgroup::new();
     let orch = cg.child("orch");
@@ -286,7 +286,7 @@ fn whole_policy_audit_lets_would_be_udp_denials_pass_connected_and_unconnected_a
 #[test]
 fn whole_policy_audit_lets_host_reach_a_labeled_listener_from_inside_the_subtree_and_from_outside_it_reported_as_audit()
  {
-    require_root!();
+    require_agent!();
     const PORT: u16 = 27533;
     let cg = TestCgroup::new();
     let inf = cg.child("inf");
@@ -443,7 +443,7 @@ fn check_mixed_modes(label: &str, policy: impl Fn(&TestCgroup) -> Policy) {
 #[test]
 fn per_segment_audit_denies_audit_to_enforce_and_enforce_to_audit_and_lets_audit_to_audit_pass_as_audit()
  {
-    require_root!();
+    require_agent!();
     // spec.mode enforce, two segments switched to audit.
     check_mixed_modes("spec enforce, a/c audit", |cg| {
         Policy::enforce(cg)
@@ -465,7 +465,7 @@ fn per_segment_audit_denies_audit_to_enforce_and_enforce_to_audit_and_lets_audit
 
 #[test]
 fn audited_flows_are_counted_with_verdict_audit_in_the_flow_and_verdict_metrics() {
-    require_root!();
+    require_agent!();
     const PORT: u16 = 27537;
     const N_TCP: u32 = 3;
     const N_UDP: u32 = 4;

@@ -14,7 +14,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use ztai_tests::metrics::{FlowCounts, Sample};
-use ztai_tests::{Agent, Cgroup, Policy, ProbeCmd, RemoteHost, TestCgroup, require_root};
+use ztai_tests::{Agent, Cgroup, Policy, ProbeCmd, RemoteHost, TestCgroup, require_agent};
 
 const SCRAPE_DEADLINE: Duration = Duration::from_secs(15);
 
@@ -91,7 +91,7 @@ fn datagram_len(pid: u32, i: u32, ipv6: bool) -> u64 {
 #[test]
 fn n_udp_datagrams_echoed_between_two_local_segments_count_exactly_n_orig_and_n_reply_packets_with_exact_bytes()
  {
-    require_root!();
+    require_agent!();
     const V4_PORT: u16 = 27570;
     const V6_PORT: u16 = 27571;
     const N: u32 = 25;
@@ -155,7 +155,7 @@ fn n_udp_datagrams_echoed_between_two_local_segments_count_exactly_n_orig_and_n_
 #[test]
 fn a_tcp_upload_of_a_million_bytes_counts_its_bytes_once_plus_at_most_100_bytes_of_headers_per_packet()
  {
-    require_root!();
+    require_agent!();
     const PORT: u16 = 27572;
     const K: u64 = 1_000_000;
     let cg = TestCgroup::new();
@@ -221,7 +221,7 @@ fn a_tcp_upload_of_a_million_bytes_counts_its_bytes_once_plus_at_most_100_bytes_
 
 #[test]
 fn m_denied_connects_and_sendtos_count_exactly_m_packets_of_zero_bytes_with_verdict_deny() {
-    require_root!();
+    require_agent!();
     const ALLOWED: u16 = 27575;
     const DENIED_TCP: u16 = 27573;
     const DENIED_UDP: u16 = 27574;
@@ -292,7 +292,7 @@ fn m_denied_connects_and_sendtos_count_exactly_m_packets_of_zero_bytes_with_verd
 #[test]
 fn traffic_with_remote_peers_counts_each_packet_once_in_both_directions_and_dropped_datagrams_with_their_size()
  {
-    require_root!();
+    require_agent!();
     const OUT_UDP: u16 = 27576;
     const IN_UDP: u16 = 27577;
     const N: u32 = 10;

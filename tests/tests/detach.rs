@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use ztai_tests::bpf::{self, AttachType};
-use ztai_tests::{Agent, Denial, Policy, ProbeCmd, TestCgroup, cgroup2_mount, require_root};
+use ztai_tests::{Agent, Denial, Policy, ProbeCmd, TestCgroup, cgroup2_mount, require_agent};
 
 /// Programs attached directly to any cgroup of the subtree, per attach type.
 fn subtree_counts(root: &Path) -> Vec<(PathBuf, AttachType, u32)> {
@@ -31,7 +31,7 @@ fn subtree_counts(root: &Path) -> Vec<(PathBuf, AttachType, u32)> {
 
 #[test]
 fn after_the_agent_exits_on_sigterm_nothing_stays_attached_and_the_denied_connect_succeeds() {
-    require_root!();
+    require_agent!();
     let mount = cgroup2_mount();
     let root_before = bpf::attached_counts(&mount).expect("BPF_PROG_QUERY on the cgroup2 root");
 

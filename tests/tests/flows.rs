@@ -12,7 +12,7 @@ use serde_json::Value;
 
 use ztai_tests::bpf;
 use ztai_tests::{
-    Agent, Policy, ProbeCmd, TempDir, TestCgroup, cgroup2_mount, require_root, run_agent_cli,
+    Agent, Policy, ProbeCmd, TempDir, TestCgroup, cgroup2_mount, require_agent, run_agent_cli,
     try_wait_until,
 };
 
@@ -66,7 +66,7 @@ fn wait_flows(agent: &Agent, what: &str, done: impl Fn(&Value) -> bool) -> Value
 #[test]
 fn flows_json_lists_the_flows_that_ran_sorted_by_bytes_with_their_segments_ports_verdicts_and_counters()
  {
-    require_root!();
+    require_agent!();
     const UDP_PORT: u16 = 27590;
     const TCP_PORT: u16 = 27591;
     const DENIED: u16 = 27592;
@@ -224,7 +224,7 @@ fn flows_json_lists_the_flows_that_ran_sorted_by_bytes_with_their_segments_ports
 
 #[test]
 fn flows_once_prints_a_table_with_one_row_per_flow_in_the_order_of_the_json() {
-    require_root!();
+    require_agent!();
     const UDP_PORT: u16 = 27593;
     const DENIED: u16 = 27594;
     let cg = TestCgroup::new();
@@ -296,7 +296,7 @@ fn flows_once_prints_a_table_with_one_row_per_flow_in_the_order_of_the_json() {
 
 #[test]
 fn flows_fails_with_a_clear_error_and_attaches_nothing_when_no_agent_listens() {
-    require_root!();
+    require_agent!();
     let mount = cgroup2_mount();
     let root_before = bpf::attached_counts(&mount).expect("BPF_PROG_QUERY on the cgroup2 root");
     let dir = TempDir::new("flows-no-agent");

@@ -16,7 +16,7 @@ use ztai_tests::probe::exit;
 use ztai_tests::time::{now_unix, parse_rfc3339};
 use ztai_tests::{
     Agent, Cgroup, DEFAULT_TIMEOUT, Denial, Policy, Probe, ProbeCmd, ProbeOutcome, RemoteHost,
-    TestCgroup, require_root,
+    TestCgroup, require_agent,
 };
 
 /// One test's ports.
@@ -172,7 +172,7 @@ fn assert_server_never_saw(server: &Probe, peer: SocketAddr) {
 #[test]
 fn a_remote_source_a_rule_covers_connects_and_one_outside_every_rule_or_on_another_port_times_out_and_is_reported()
  {
-    require_root!();
+    require_agent!();
     let p = Ports {
         inbound_tcp: 27540,
         closed_tcp: 27541,
@@ -262,7 +262,7 @@ fn a_remote_source_a_rule_covers_connects_and_one_outside_every_rule_or_on_anoth
 #[test]
 fn an_unlabeled_local_process_outside_the_attach_subtree_is_host_and_its_connection_to_a_labeled_server_is_dropped()
  {
-    require_root!();
+    require_agent!();
     let p = Ports {
         inbound_tcp: 27543,
         closed_tcp: 27544,
@@ -312,7 +312,7 @@ fn an_unlabeled_local_process_outside_the_attach_subtree_is_host_and_its_connect
 
 #[test]
 fn udp_datagrams_from_a_denied_remote_source_never_reach_a_labeled_echo_server_and_are_reported() {
-    require_root!();
+    require_agent!();
     let p = Ports {
         inbound_tcp: 27546,
         closed_tcp: 27547,
@@ -395,7 +395,7 @@ fn udp_datagrams_from_a_denied_remote_source_never_reach_a_labeled_echo_server_a
 #[test]
 fn replies_to_allowed_connections_pass_both_for_a_labeled_client_going_out_and_for_an_allowed_inbound_connection()
  {
-    require_root!();
+    require_agent!();
     let p = Ports {
         inbound_tcp: 27549,
         closed_tcp: 27550,
@@ -493,7 +493,7 @@ fn replies_to_allowed_connections_pass_both_for_a_labeled_client_going_out_and_f
 #[test]
 fn connections_started_inside_the_subtree_are_judged_at_connect_and_not_judged_again_at_the_receiver()
  {
-    require_root!();
+    require_agent!();
     let p = Ports {
         inbound_tcp: 27552,
         closed_tcp: 27553,

@@ -17,7 +17,7 @@ use ztai_tests::reload::{REJECTED_MSG, TRIGGER_FILE, TRIGGER_SIGHUP};
 use ztai_tests::session::{Round, SessionOpts, mono_ns, mono_to_unix, ms_between};
 use ztai_tests::time::parse_rfc3339;
 use ztai_tests::{
-    Agent, Cgroup, DEFAULT_TIMEOUT, Denial, Policy, Probe, ProbeCmd, TestCgroup, require_root,
+    Agent, Cgroup, DEFAULT_TIMEOUT, Denial, Policy, Probe, ProbeCmd, TestCgroup, require_agent,
 };
 
 /// Deadline for the agent to apply (or reject) a reload and for /metrics to show it.
@@ -123,7 +123,7 @@ fn revocations(agent: &Agent, proto: &str, local: SocketAddr, port: u16) -> Vec<
 #[test]
 fn a_valid_reload_via_sighup_adds_a_rule_so_a_connection_denied_before_is_allowed_after_and_the_generation_metric_is_2()
  {
-    require_root!();
+    require_agent!();
     const PORT: u16 = 27522;
     let cg = TestCgroup::new();
     let (orch, inf) = (cg.child("orch"), cg.child("inf"));
@@ -164,7 +164,7 @@ fn a_valid_reload_via_sighup_adds_a_rule_so_a_connection_denied_before_is_allowe
 
 #[test]
 fn a_policy_file_replaced_by_rename_is_picked_up_without_a_signal_and_so_is_an_in_place_rewrite() {
-    require_root!();
+    require_agent!();
     const PORT: u16 = 27523;
     let cg = TestCgroup::new();
     let (orch, inf) = (cg.child("orch"), cg.child("inf"));
@@ -207,7 +207,7 @@ fn a_policy_file_replaced_by_rename_is_picked_up_without_a_signal_and_so_is_an_i
 
 #[test]
 fn rewriting_the_policy_file_with_identical_content_is_ignored_while_sighup_always_re_applies() {
-    require_root!();
+    require_agent!();
     const PORT: u16 = 27562;
     let cg = TestCgroup::new();
     let (orch, inf) = (cg.child("orch"), cg.child("inf"));
@@ -248,7 +248,7 @@ fn rewriting_the_policy_file_with_identical_content_is_ignored_while_sighup_alwa
 #[test]
 fn an_invalid_reload_is_rejected_with_a_file_line_column_diagnostic_and_the_previous_policy_stays_in_force()
  {
-    require_root!();
+    require_agent!();
     const ALLOWED: u16 = 27524;
     const DENIED: u16 = 27525;
     let cg = TestCgroup::new();
@@ -519,20 +519,20 @@ fn revocation_scenario(proto: &str, port: u16) {
 #[test]
 fn an_established_tcp_connection_stops_getting_answers_within_1s_of_a_reload_removing_its_rule_and_is_reported_once_as_revoked()
  {
-    require_root!();
+    require_agent!();
     revocation_scenario("tcp", 27526);
 }
 
 #[test]
 fn a_udp_exchange_stops_getting_answers_within_1s_of_a_reload_removing_its_rule_and_is_reported_once_as_revoked()
  {
-    require_root!();
+    require_agent!();
     revocation_scenario("udp", 27527);
 }
 
 #[test]
 fn connections_allowed_by_both_the_old_and_the_new_policy_keep_passing_across_a_reload() {
-    require_root!();
+    require_agent!();
     const KEPT: u16 = 27528;
     const DROPPED: u16 = 27529;
     let cg = TestCgroup::new();
@@ -629,7 +629,7 @@ fn connections_allowed_by_both_the_old_and_the_new_policy_keep_passing_across_a_
 #[test]
 fn a_cgroup_created_after_the_agent_is_ready_that_matches_a_selector_of_its_own_is_enforced_within_50_ms()
  {
-    require_root!();
+    require_agent!();
     const TRIES: usize = 5;
     const BOUND_MS: f64 = 50.0;
     let cg = TestCgroup::new();

@@ -2,11 +2,11 @@
 //!
 //! Fixed policy ports of this file: 27410, 27420-27421 (unique across the suite).
 
-use ztai_tests::{Agent, Denial, Policy, ProbeCmd, TestCgroup, loopback_targets, require_root};
+use ztai_tests::{Agent, Denial, Policy, ProbeCmd, TestCgroup, loopback_targets, require_agent};
 
 #[test]
 fn orchestrator_reaches_inference_over_tcp_on_the_allowed_port_via_ipv4_ipv6_and_v4_mapped() {
-    require_root!();
+    require_agent!();
     const PORT: u16 = 27410;
     let cg = TestCgroup::new();
     let orch = cg.child("orch");
@@ -44,7 +44,7 @@ fn orchestrator_reaches_inference_over_tcp_on_the_allowed_port_via_ipv4_ipv6_and
 #[test]
 fn orchestrator_to_inference_on_a_port_no_rule_allows_fails_with_eperm_over_ipv4_ipv6_and_v4_mapped()
  {
-    require_root!();
+    require_agent!();
     const ALLOWED: u16 = 27420;
     const OTHER: u16 = 27421;
     let cg = TestCgroup::new();
@@ -96,7 +96,7 @@ fn orchestrator_to_inference_on_a_port_no_rule_allows_fails_with_eperm_over_ipv4
 
 #[test]
 fn orchestrator_to_retrieval_is_denied_with_eperm_and_reported() {
-    require_root!();
+    require_agent!();
     let cg = TestCgroup::new();
     let orch = cg.child("orch");
     let rag = cg.child("retrieval");
@@ -133,7 +133,7 @@ fn orchestrator_to_retrieval_is_denied_with_eperm_and_reported() {
 
 #[test]
 fn inference_to_orchestrator_is_denied_because_rules_only_allow_their_direction() {
-    require_root!();
+    require_agent!();
     let cg = TestCgroup::new();
     let orch = cg.child("orch");
     let inf = cg.child("inf/pod-0");
@@ -170,7 +170,7 @@ fn inference_to_orchestrator_is_denied_because_rules_only_allow_their_direction(
 
 #[test]
 fn processes_of_one_segment_talk_freely_and_unlabeled_processes_are_untouched() {
-    require_root!();
+    require_agent!();
     let cg = TestCgroup::new();
     let orch_a = cg.child("orch-a");
     let orch_b = cg.child("orch-b/job");
@@ -220,7 +220,7 @@ fn processes_of_one_segment_talk_freely_and_unlabeled_processes_are_untouched() 
 
 #[test]
 fn an_unlabeled_process_in_the_subtree_cannot_reach_a_labeled_segment() {
-    require_root!();
+    require_agent!();
     let cg = TestCgroup::new();
     let orch = cg.child("orch");
     let misc = cg.child("misc");

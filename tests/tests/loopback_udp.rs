@@ -3,12 +3,12 @@
 //!
 //! Fixed policy ports of this file: 27430, 27440-27441, 27450 (unique across the suite).
 
-use ztai_tests::{Agent, Denial, Policy, ProbeCmd, TestCgroup, loopback_targets, require_root};
+use ztai_tests::{Agent, Denial, Policy, ProbeCmd, TestCgroup, loopback_targets, require_agent};
 
 #[test]
 fn udp_from_orchestrator_to_inference_on_the_allowed_port_passes_and_the_servers_sendto_reply_passes_too()
  {
-    require_root!();
+    require_agent!();
     const PORT: u16 = 27430;
     let cg = TestCgroup::new();
     let orch = cg.child("orch");
@@ -66,7 +66,7 @@ fn udp_from_orchestrator_to_inference_on_the_allowed_port_passes_and_the_servers
 #[test]
 fn udp_from_orchestrator_to_inference_on_a_port_no_rule_allows_fails_with_eperm_connected_and_unconnected()
  {
-    require_root!();
+    require_agent!();
     const ALLOWED: u16 = 27440;
     const OTHER: u16 = 27441;
     let cg = TestCgroup::new();
@@ -121,7 +121,7 @@ fn udp_from_orchestrator_to_inference_on_a_port_no_rule_allows_fails_with_eperm_
 
 #[test]
 fn a_tcp_only_rule_does_not_allow_udp_to_the_same_port() {
-    require_root!();
+    require_agent!();
     const PORT: u16 = 27450;
     let cg = TestCgroup::new();
     let orch = cg.child("orch");

@@ -9,7 +9,7 @@ use std::net::IpAddr;
 use std::time::Duration;
 
 use ztai_tests::metrics::{Family, FlowCounts, Sample, parse_with_prometheus_client};
-use ztai_tests::{Agent, Policy, ProbeCmd, TestCgroup, require_root};
+use ztai_tests::{Agent, Policy, ProbeCmd, TestCgroup, require_agent};
 
 const UDP_PORT: u16 = 27580;
 const TCP_PORT: u16 = 27581;
@@ -36,7 +36,7 @@ fn value(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> f64 {
 #[test]
 fn metrics_are_valid_openmetrics_that_count_the_known_traffic_and_health_and_readiness_answer_200()
 {
-    require_root!();
+    require_agent!();
     const N: u32 = 20;
     const D: u64 = 5;
     let cg = TestCgroup::new();

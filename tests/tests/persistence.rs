@@ -15,7 +15,7 @@ use ztai_tests::persist::{
 use ztai_tests::session::mono_ns;
 use ztai_tests::{
     Cgroup, DEFAULT_TIMEOUT, Denial, Policy, Probe, ProbeCmd, READY_TIMEOUT, TestCgroup,
-    assert_denial, require_root, wait_until,
+    assert_denial, require_agent, wait_until,
 };
 
 /// orchestrator → inference allowed (every port); orchestrator → retrieval not.
@@ -130,7 +130,7 @@ fn ready_generation(ready: &Value) -> u64 {
 
 #[test]
 fn after_sigkill_enforcement_continues_and_a_restarted_agent_adopts_it_with_one_set_of_programs() {
-    require_root!();
+    require_agent!();
     let cg = TestCgroup::new();
     create_workload_cgroups(&cg);
     let mut agent = PersistentAgent::new(&base_policy(&cg), &cg);
@@ -208,7 +208,7 @@ fn after_sigkill_enforcement_continues_and_a_restarted_agent_adopts_it_with_one_
 
 #[test]
 fn sigterm_without_detach_keeps_enforcing_and_uninstall_removes_its_pins_and_nothing_else() {
-    require_root!();
+    require_agent!();
     let cg_a = TestCgroup::new();
     let cg_b = TestCgroup::new();
     create_workload_cgroups(&cg_a);
@@ -313,7 +313,7 @@ fn sigterm_without_detach_keeps_enforcing_and_uninstall_removes_its_pins_and_not
 
 #[test]
 fn a_second_agent_on_the_same_pin_folder_is_refused_and_the_first_keeps_enforcing() {
-    require_root!();
+    require_agent!();
     let cg = TestCgroup::new();
     create_workload_cgroups(&cg);
     let mut agent = PersistentAgent::start_ready(&base_policy(&cg), &cg);
@@ -353,7 +353,7 @@ fn a_second_agent_on_the_same_pin_folder_is_refused_and_the_first_keeps_enforcin
 
 #[test]
 fn a_full_socket_owner_map_refuses_labeled_binds_reports_them_and_counts_them() {
-    require_root!();
+    require_agent!();
     const SIZE: u32 = 3;
     let cg = TestCgroup::new();
     let inf = cg.child("inf");
@@ -410,7 +410,7 @@ fn a_full_socket_owner_map_refuses_labeled_binds_reports_them_and_counts_them() 
 
 #[test]
 fn a_full_label_map_fails_closed_for_unlabeled_traffic_under_the_attach_point() {
-    require_root!();
+    require_agent!();
     let cg = TestCgroup::new();
     // Subtree root, orch, inf, rag, plain: 5 cgroups to label, room for 2.
     let plain = cg.child("plain");
@@ -553,7 +553,7 @@ fn wait_attempts(loop_probe: &Probe, since: usize, n: usize, what: &str) -> usiz
 
 #[test]
 fn chaos_kills_restarts_and_reloads_never_let_a_denied_connect_through_nor_break_an_allowed_one() {
-    require_root!();
+    require_agent!();
     const RESTARTS: usize = 5;
     const RELOADS: usize = 50;
     const MIN_EACH: usize = 300;

@@ -9,7 +9,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use ztai_tests::{
-    Agent, Denial, PodNetwork, Policy, ProbeCmd, ProbeOutcome, TestCgroup, require_root,
+    Agent, Denial, PodNetwork, Policy, ProbeCmd, ProbeOutcome, TestCgroup, require_agent,
     try_wait_until,
 };
 
@@ -47,7 +47,7 @@ fn ip_str(ip: IpAddr) -> String {
 #[test]
 fn pods_are_segments_by_address_new_addresses_are_learned_and_an_exited_workloads_address_is_forgotten()
  {
-    require_root!();
+    require_agent!();
     let net = PodNetwork::new(3);
     let (pod_a, pod_b, pod_c) = (net.pod(0), net.pod(1), net.pod(2));
     let cg = TestCgroup::new();

@@ -5,7 +5,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 
-use ztai_tests::{Agent, Denial, Policy, Probe, ProbeCmd, RemoteHost, TestCgroup, require_root};
+use ztai_tests::{Agent, Denial, Policy, Probe, ProbeCmd, RemoteHost, TestCgroup, require_agent};
 
 const ALLOWED_TCP: u16 = 27500;
 const OTHER_TCP: u16 = 27501;
@@ -65,7 +65,7 @@ fn ip_str(ip: IpAddr) -> String {
 #[test]
 fn orchestrator_reaches_the_enterprise_cidr_through_a_veth_on_the_allowed_port_and_gets_eperm_on_others()
  {
-    require_root!();
+    require_agent!();
     let remote = RemoteHost::new();
     let cg = TestCgroup::new();
     let orch = cg.child("orch");
@@ -126,7 +126,7 @@ fn orchestrator_reaches_the_enterprise_cidr_through_a_veth_on_the_allowed_port_a
 
 #[test]
 fn the_longest_matching_cidr_prefix_decides_the_remote_segment() {
-    require_root!();
+    require_agent!();
     let remote = RemoteHost::new();
     let cg = TestCgroup::new();
     let orch = cg.child("orch");
@@ -152,7 +152,7 @@ fn the_longest_matching_cidr_prefix_decides_the_remote_segment() {
 
 #[test]
 fn an_unlabeled_cgroup_in_the_subtree_is_host_and_denied_towards_the_enterprise_segment() {
-    require_root!();
+    require_agent!();
     let remote = RemoteHost::new();
     let cg = TestCgroup::new();
     let misc = cg.child("misc");
@@ -192,7 +192,7 @@ fn an_unlabeled_cgroup_in_the_subtree_is_host_and_denied_towards_the_enterprise_
 #[test]
 fn remote_addresses_outside_every_cidr_are_world_open_to_unlabeled_processes_and_closed_to_segments()
  {
-    require_root!();
+    require_agent!();
     let remote = RemoteHost::new();
     let cg = TestCgroup::new();
     let orch = cg.child("orch");

@@ -5,7 +5,7 @@
 use serde_json::Value;
 
 use ztai_tests::time::{now_unix, parse_rfc3339};
-use ztai_tests::{Agent, Cgroup, Policy, ProbeCmd, ProbeOutcome, TestCgroup, require_root};
+use ztai_tests::{Agent, Cgroup, Policy, ProbeCmd, ProbeOutcome, TestCgroup, require_agent};
 
 fn policy(cg: &TestCgroup, allowed: &str) -> Policy {
     Policy::enforce(cg)
@@ -104,7 +104,7 @@ fn assert_reported_once(agent: &Agent, pid: u32, marker: &ProbeOutcome) {
 
 #[test]
 fn a_tcp_denial_is_reported_as_one_json_line_with_every_field() {
-    require_root!();
+    require_agent!();
     const ALLOWED: u16 = 27510;
     const DENIED: u16 = 27511;
     let cg = TestCgroup::new();
@@ -132,7 +132,7 @@ fn a_tcp_denial_is_reported_as_one_json_line_with_every_field() {
 
 #[test]
 fn a_udp_denial_is_reported_as_one_json_line_with_every_field() {
-    require_root!();
+    require_agent!();
     const ALLOWED: u16 = 27520;
     const DENIED: u16 = 27521;
     let cg = TestCgroup::new();
@@ -161,7 +161,7 @@ fn a_udp_denial_is_reported_as_one_json_line_with_every_field() {
 
 #[test]
 fn a_v4_mapped_destination_is_reported_with_its_ipv4_address() {
-    require_root!();
+    require_agent!();
     const ALLOWED: u16 = 27530;
     const DENIED: u16 = 27531;
     let cg = TestCgroup::new();

@@ -6,11 +6,11 @@
 
 use std::time::Duration;
 
-use ztai_tests::{Agent, Denial, Policy, ProbeCmd, TestCgroup, require_root, try_wait_until};
+use ztai_tests::{Agent, Denial, Policy, ProbeCmd, TestCgroup, require_agent, try_wait_until};
 
 #[test]
 fn two_loopback_servers_in_different_segments_get_different_verdicts_for_the_same_client() {
-    require_root!();
+    require_agent!();
     let cg = TestCgroup::new();
     let orch = cg.child("orch");
     let inf = cg.child("inf/pod-0");
@@ -76,7 +76,7 @@ fn two_loopback_servers_in_different_segments_get_different_verdicts_for_the_sam
 
 #[test]
 fn the_same_port_on_two_loopback_addresses_is_judged_by_the_segment_owning_each_socket() {
-    require_root!();
+    require_agent!();
     const PORT: u16 = 27460;
     let cg = TestCgroup::new();
     let orch = cg.child("orch");
@@ -122,7 +122,7 @@ fn the_same_port_on_two_loopback_addresses_is_judged_by_the_segment_owning_each_
 #[test]
 fn an_unlabeled_listener_in_the_subtree_on_a_port_allowed_for_inference_is_host_and_denied_for_orchestrator()
  {
-    require_root!();
+    require_agent!();
     const PORT: u16 = 27470;
     let cg = TestCgroup::new();
     let orch = cg.child("orch");
@@ -178,7 +178,7 @@ fn an_unlabeled_listener_in_the_subtree_on_a_port_allowed_for_inference_is_host_
 #[test]
 fn an_unlabeled_listener_outside_the_subtree_on_a_port_allowed_for_inference_is_host_and_denied_for_orchestrator()
  {
-    require_root!();
+    require_agent!();
     const PORT: u16 = 27480;
     let cg = TestCgroup::new();
     let orch = cg.child("orch");
@@ -214,7 +214,7 @@ fn an_unlabeled_listener_outside_the_subtree_on_a_port_allowed_for_inference_is_
 
 #[test]
 fn a_nested_cgroup_inherits_the_segment_of_its_nearest_labeled_ancestor() {
-    require_root!();
+    require_agent!();
     const ALLOWED: u16 = 27490;
     const OTHER: u16 = 27491;
     let cg = TestCgroup::new();
@@ -285,7 +285,7 @@ fn a_nested_cgroup_inherits_the_segment_of_its_nearest_labeled_ancestor() {
 
 #[test]
 fn a_cgroup_created_after_the_agent_started_gets_its_segment_without_a_restart() {
-    require_root!();
+    require_agent!();
     const PORT: u16 = 27495;
     let cg = TestCgroup::new();
     let inf = cg.child("inf/pod-0");
@@ -335,7 +335,7 @@ fn a_cgroup_created_after_the_agent_started_gets_its_segment_without_a_restart()
 
 #[test]
 fn listeners_started_before_the_agent_are_judged_by_the_segment_of_their_cgroup() {
-    require_root!();
+    require_agent!();
     const PORT: u16 = 27496;
     let cg = TestCgroup::new();
     let orch = cg.child("orch");

@@ -203,6 +203,8 @@ fn fetch(cache: &Path, suite: &str, pick: &Pick, dir: &Path) -> anyhow::Result<(
             "APT::Architectures=amd64",
             "Debug::NoLocking=1",
             "APT::Sandbox::User=root",
+            // CI downloads into a fresh clone each run: ride out a transient mirror error.
+            "Acquire::Retries=3",
         ]
         .map(String::from),
     )

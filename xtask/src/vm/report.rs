@@ -9,9 +9,12 @@ use super::json;
 pub struct Binary {
     pub name: String,
     pub rc: Option<i32>,
+    /// Tests that ran and passed (libtest's "passed" minus the skips).
     pub passed: u32,
     pub failed: u32,
     pub ignored: u32,
+    /// Tests that printed `SKIPPED: …` (libtest counts them as passed).
+    pub skipped: u32,
     pub seconds: Option<f64>,
     pub note: Option<String>,
     /// Failed tests with what libtest printed for them (panic message, captured output).
@@ -38,6 +41,8 @@ pub struct Report {
     /// Guest uptime when the init reached the suite (boot time inside the guest).
     pub boot_uptime: Option<f64>,
     pub preflight: Option<Preflight>,
+    /// The agent's refusal of this kernel (a feature it lacks): the suite still runs, and every
+    /// test that needs the agent skips with this reason.
     pub refused: Option<String>,
     pub excluded: Vec<String>,
     pub binaries: Vec<Binary>,
@@ -141,6 +146,8 @@ pub fn parse(console: &str) -> Report {
                     })
                 }
             }
+        } else if let Some(rest) = line.strip_prefix("ZTAI-VM-REFUSED ") {
+            r.refused = Some(rest.to_string());
         } else if let Some(rest) = line.strip_prefix("ZTAI-VM-EXCLUDED ") {
             r.excluded.push(rest.to_string());
         } else if let Some(rest) = line.strip_prefix("ZTAI-VM-BEGIN ") {
@@ -164,7 +171,8 @@ pub fn parse(console: &str) -> Report {
                 )
             });
             b.rc = num(rest, "rc");
-            b.passed = num(rest, "passed").unwrap_or(0);
+            b.skipped = num(rest, "skipped").unwrap_or(0);
+            b.passed = num::<u32>(rest, "passed").unwrap_or(0).saturating_sub(b.skipped);
             b.failed = num(rest, "failed").unwrap_or(0);
             b.ignored = num(rest, "ignored").unwrap_or(0);
             b.seconds = num(rest, "seconds");
@@ -222,16 +230,24 @@ pub enum Verdict {
 }
 
 impl Report {
+    /// A refused kernel is not a failure (the refusal is the claim), but a test that fails there
+    /// is: the tests that do not need the agent still run on it.
     pub fn verdict(&self) -> Verdict {
-        if self.refused.is_some() {
-            Verdict::Refused
-        } else if self.result_line.is_none() {
+        if self.result_line.is_none() {
             Verdict::Broken
-        } else if self.failed() > 0 || matches!(self.preflight, Some(Preflight::Failed { .. })) {
+        } else if self.failed() > 0 {
+            Verdict::Failed
+        } else if self.refused.is_some() {
+            Verdict::Refused
+        } else if matches!(self.preflight, Some(Preflight::Failed { .. })) {
             Verdict::Failed
         } else {
             Verdict::Passed
         }
+    }
+
+    pub fn skipped(&self) -> u32 {
+        self.binaries.iter().map(|b| b.skipped).sum()
     }
 
     pub fn passed(&self) -> u32 {
@@ -482,10 +498,17 @@ running 1 test\r
         let log = "ZTAI-VM-INIT kernel=5.10 release=5.10.0-46-cloud-amd64 cpus=2 uptime=2\n\
             ZTAI-VM-AGENT-LOG {\"level\":\"ERROR\",\"msg\":\"ztai-agent failed\",\"error\":\"this kernel lacks X\"}\n\
             ZTAI-VM-PREFLIGHT exited rc=1 error=this kernel (5.10.0) lacks X (SO_NETNS_COOKIE), which ztai needs; it arrived in Linux 5.14\n\
-            ZTAI-VM-RESULT kernel=5.10 refused: this kernel (5.10.0) lacks X (SO_NETNS_COOKIE), which ztai needs; it arrived in Linux 5.14\n\
+            ZTAI-VM-REFUSED this kernel (5.10.0) lacks X (SO_NETNS_COOKIE), which ztai needs; it arrived in Linux 5.14\n\
+            ZTAI-VM-BEGIN audit uptime=9\n\
+            test a ... SKIPPED: a needs a kernel the agent supports: this kernel lacks X\n\
+            ok\n\
+            test result: ok. 2 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; finished in 0.01s\n\
+            ZTAI-VM-END audit rc=0 passed=2 failed=0 ignored=0 skipped=1 seconds=1\n\
+            ZTAI-VM-RESULT kernel=5.10 passed=2 failed=0 ignored=0 skipped=1 excluded=1 binaries=1 agent=refused seconds=1 refused: this kernel (5.10.0) lacks X (SO_NETNS_COOKIE), which ztai needs; it arrived in Linux 5.14\n\
             ZTAI-VM-DONE uptime=5\n";
         let r = parse(log);
         assert_eq!(r.verdict(), Verdict::Refused);
+        assert_eq!((r.passed(), r.skipped(), r.failed()), (1, 1, 0));
         assert!(
             r.refused
                 .as_deref()
@@ -499,5 +522,11 @@ running 1 test\r
             }
             other => panic!("{other:?}"),
         }
+        // A test that fails on a refused kernel fails the kernel.
+        let failing = log.replace(
+            "ZTAI-VM-END audit rc=0 passed=2 failed=0",
+            "ZTAI-VM-END audit rc=101 passed=1 failed=1",
+        );
+        assert_eq!(parse(&failing).verdict(), Verdict::Failed);
     }
 }

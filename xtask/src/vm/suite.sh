@@ -43,7 +43,9 @@ echo "ZTAI-VM-INIT kernel=$KERNEL release=$(uname -r) cpus=$(nproc) uptime=$(upt
 [ -e /sys/kernel/btf/vmlinux ] || say "this kernel has no /sys/kernel/btf/vmlinux (BTF)"
 
 # Does the agent start at all? A kernel it does not support gets a refusal
-# naming the missing feature: record it and do not run the suite.
+# naming the missing feature: record it, then run the suite anyway, where
+# every test that needs the agent skips with that same reason (the tests ask
+# the agent's own kernel check) and the rest still run.
 mkdir -p /sys/fs/cgroup/ztai-vm-preflight
 t0=$(uptime_s)
 /ztai/bin/ztai-agent run --policy /ztai/preflight.yaml --cgroup-root /sys/fs/cgroup/ztai-vm-preflight \
@@ -60,6 +62,7 @@ while [ "$i" -lt $((PREFLIGHT_TIMEOUT * 5)) ]; do
     i=$((i + 1))
 done
 agent=ok
+refused=
 case $state in
 ready)
     echo "ZTAI-VM-PREFLIGHT ready seconds=$(awk "BEGIN{print $(uptime_s)-$t0}")"
@@ -76,12 +79,12 @@ ready)
     echo "ZTAI-VM-PREFLIGHT $state rc=$rc error=$reason"
     case $reason in
     *"arrived in Linux"* | *"which ztai needs"*)
-        echo "ZTAI-VM-RESULT kernel=$KERNEL refused: $reason"
-        finish
-        exit 0
+        echo "ZTAI-VM-REFUSED $reason"
+        refused=$reason
+        agent=refused
         ;;
+    *) agent=failed ;;
     esac
-    agent=failed
     ;;
 esac
 rmdir /sys/fs/cgroup/ztai-vm-preflight 2>/dev/null
@@ -92,7 +95,7 @@ while IFS= read -r line; do
 done </ztai/excluded
 excluded=$(grep -c . /ztai/excluded)
 
-P=0 F=0 I=0 B=0
+P=0 F=0 I=0 S=0 B=0
 suite0=$(uptime_s)
 cd /tmp
 for t in $TESTS; do
@@ -100,17 +103,26 @@ for t in $TESTS; do
     s=$(uptime_s)
     { timeout "$BIN_TIMEOUT" "/ztai/bin/deps/$t" --test-threads="$THREADS" 2>&1; echo $? >/tmp/rc; } | tee "/tmp/log.$t"
     rc=$(cat /tmp/rc)
-    p=$(grep -c '^test .* \.\.\. ok$' "/tmp/log.$t")
-    f=$(grep -c '^test .* \.\.\. FAILED$' "/tmp/log.$t")
-    n=$(grep -c '^test .* \.\.\. ignored' "/tmp/log.$t")
+    # libtest's own totals: with one test thread it prints "test x ... " before
+    # running x, so a skip notice (stderr) lands inside that line.
+    totals=$(sed -n 's/.*test result: [A-Za-z]*\. \([0-9]*\) passed; \([0-9]*\) failed; \([0-9]*\) ignored.*/\1 \2 \3/p' "/tmp/log.$t" | tail -n 1)
+    if [ -n "$totals" ]; then
+        set -- $totals
+        p=$1 f=$2 n=$3
+    else
+        p=$(grep -c ' \.\.\. ok$' "/tmp/log.$t")
+        f=$(grep -c ' \.\.\. FAILED$' "/tmp/log.$t")
+        n=$(grep -c ' \.\.\. ignored' "/tmp/log.$t")
+    fi
+    k=$(grep -o 'SKIPPED: ' "/tmp/log.$t" | wc -l)
     note=
     if [ "$rc" != 0 ] && [ "$f" = 0 ]; then
         f=1
         note=" note=exited-without-a-failed-test"
         case $rc in 124 | 143) note=" note=timed-out-after-${BIN_TIMEOUT}s" ;; esac
     fi
-    echo "ZTAI-VM-END $t rc=$rc passed=$p failed=$f ignored=$n seconds=$(awk "BEGIN{print $(uptime_s)-$s}")$note"
-    P=$((P + p)) F=$((F + f)) I=$((I + n)) B=$((B + 1))
+    echo "ZTAI-VM-END $t rc=$rc passed=$p failed=$f ignored=$n skipped=$k seconds=$(awk "BEGIN{print $(uptime_s)-$s}")$note"
+    P=$((P + p)) F=$((F + f)) I=$((I + n)) S=$((S + k)) B=$((B + 1))
 done
 secs=$(awk "BEGIN{print $(uptime_s)-$suite0}")
 if [ "$F" != 0 ]; then
@@ -118,5 +130,6 @@ if [ "$F" != 0 ]; then
     dmesg | tail -n 60
     echo "ZTAI-VM-DMESG-END"
 fi
-echo "ZTAI-VM-RESULT kernel=$KERNEL passed=$P failed=$F ignored=$I excluded=$excluded binaries=$B agent=$agent seconds=$secs"
+# "refused: <reason>" stays last: the reason has spaces.
+echo "ZTAI-VM-RESULT kernel=$KERNEL passed=$P failed=$F ignored=$I skipped=$S excluded=$excluded binaries=$B agent=$agent seconds=$secs${refused:+ refused: $refused}"
 finish
