@@ -76,3 +76,47 @@ pub fn attached_counts(cgroup: &Path) -> io::Result<Vec<(AttachType, u32)>> {
 pub fn attached_total(cgroup: &Path) -> io::Result<u32> {
     Ok(attached_counts(cgroup)?.iter().map(|(_, n)| n).sum())
 }
+
+const BPF_MAP_CREATE: libc::c_long = 0;
+const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+const BPF_OBJ_PIN: libc::c_long = 6;
+const BPF_MAP_TYPE_ARRAY: u32 = 2;
+
+fn bpf_syscall(cmd: libc::c_long, attr: &mut [u64; 16]) -> io::Result<i64> {
+    // SAFETY: bpf(2) reads/writes within the 128-byte attr we pass.
+    let rc = unsafe {
+        libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), std::mem::size_of_val(attr) as libc::c_uint)
+    };
+    if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(rc) }
+}
+
+/// Pins at `path` (on bpffs) a one-entry array map with a `value_size`-byte value whose first
+/// bytes are `value`: stands in for a map another agent version left pinned.
+pub fn pin_array_map(path: &Path, value_size: u32, value: &[u8]) -> io::Result<()> {
+    use std::os::fd::{FromRawFd as _, OwnedFd};
+    assert!(value.len() <= value_size as usize, "value longer than value_size");
+    // map_create: map_type u32 @0, key_size @4, value_size @8, max_entries @12.
+    let mut attr = [0u64; 16];
+    attr[0] = u64::from(BPF_MAP_TYPE_ARRAY) | (4u64 << 32);
+    attr[1] = u64::from(value_size) | (1u64 << 32);
+    let fd = bpf_syscall(BPF_MAP_CREATE, &mut attr)?;
+    // SAFETY: a successful BPF_MAP_CREATE returns a new fd we own.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    let key = 0u32;
+    let mut bytes = vec![0u8; value_size as usize];
+    bytes[..value.len()].copy_from_slice(value);
+    // map_elem: map_fd u32 @0, key u64 @8, value u64 @16, flags u64 @24.
+    let mut attr = [0u64; 16];
+    attr[0] = fd.as_raw_fd() as u64;
+    attr[1] = &key as *const u32 as u64;
+    attr[2] = bytes.as_ptr() as u64;
+    bpf_syscall(BPF_MAP_UPDATE_ELEM, &mut attr)?;
+    // obj_pin: pathname u64 @0, bpf_fd u32 @8.
+    let cpath = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let mut attr = [0u64; 16];
+    attr[0] = cpath.as_ptr() as u64;
+    attr[1] = fd.as_raw_fd() as u64;
+    bpf_syscall(BPF_OBJ_PIN, &mut attr)?;
+    Ok(())
+}

@@ -351,6 +351,58 @@ fn a_second_agent_on_the_same_pin_folder_is_refused_and_the_first_keeps_enforcin
     w.assert_denied_and_reported(&agent, "after the refused second agent");
 }
 
+/// Pinned maps from an agent with another map layout are refused before anything loads: aya
+/// would reuse them by name and read them with this agent's types. Both ways an old layout can
+/// show: a config value of another size, and a config entry stamped with another version.
+#[test]
+fn pinned_maps_of_another_layout_are_refused_untouched_and_uninstall_clears_the_way() {
+    require_agent!();
+    let cg = TestCgroup::new();
+    create_workload_cgroups(&cg);
+    let mut agent = PersistentAgent::new(&base_policy(&cg), &cg);
+    let maps = agent.pin_dir().join("maps");
+    std::fs::create_dir_all(&maps).expect("create the pin folder on bpffs");
+    let config_pin = maps.join(ztai_common::maps::CONFIG);
+    let size = std::mem::size_of::<ztai_common::Config>() as u32;
+    // Config is { active_gen, flags, host_netns_cookie, layout, _pad }.
+    let mut stamped = Vec::new();
+    stamped.extend_from_slice(&7u32.to_ne_bytes());
+    stamped.extend_from_slice(&ztai_common::CONFIG_FLAG_POLICY_LOADED.to_ne_bytes());
+    stamped.extend_from_slice(&0u64.to_ne_bytes());
+    stamped.extend_from_slice(&(ztai_common::LAYOUT_VERSION + 1).to_ne_bytes());
+    let cases = [
+        (size - 8, Vec::new(), format!("have a {}-byte", size - 8)),
+        (size, stamped, format!("written with map layout {}", ztai_common::LAYOUT_VERSION + 1)),
+    ];
+    for (value_size, value, says) in cases {
+        ztai_tests::bpf::pin_array_map(&config_pin, value_size, &value)
+            .unwrap_or_else(|e| panic!("pin a stand-in config map at {}: {e}", config_pin.display()));
+        let pins = pin_entries(agent.pin_dir());
+        let out = agent.run_competitor();
+        assert!(!out.status.success(), "an agent must refuse pinned maps of another layout: {out}");
+        for want in [says.as_str(), "this agent uses map layout", "ztai-agent uninstall --pin-dir"] {
+            assert!(out.stderr.contains(want), "the refusal should say {want:?}: {out}");
+        }
+        assert!(
+            subtree_programs(&cg.path()).is_empty(),
+            "a refused agent attached programs: {:?}",
+            subtree_programs(&cg.path())
+        );
+        assert_eq!(pin_entries(agent.pin_dir()), pins, "a refused agent changed the pin folder");
+        std::fs::remove_file(&config_pin).expect("unpin the stand-in config map");
+    }
+    // The way the refusal names: uninstall, then a fresh start enforces.
+    ztai_tests::bpf::pin_array_map(&config_pin, size - 8, &[]).expect("pin the stand-in again");
+    let out = agent.uninstall();
+    assert!(out.status.success(), "uninstall of incompatible pins failed: {out}");
+    assert!(!config_pin.exists(), "uninstall left {}", config_pin.display());
+    agent.start();
+    agent.wait_ready(READY_TIMEOUT);
+    let w = Workloads::start(&cg);
+    w.assert_allowed("after uninstall and a fresh start");
+    w.assert_denied_and_reported(&agent, "after uninstall and a fresh start");
+}
+
 #[test]
 fn a_full_socket_owner_map_refuses_labeled_binds_reports_them_and_counts_them() {
     require_agent!();

@@ -78,6 +78,12 @@ pub const CONFIG_FLAG_LABELS_INCOMPLETE: u32 = 1 << 0;
 /// Config flag: a policy generation has been written and switched in.
 pub const CONFIG_FLAG_POLICY_LOADED: u32 = 1 << 1;
 
+/// Layout of the pinned maps: their key and value types and what each field
+/// means. A restarted agent adopts pinned maps only when they carry its own
+/// version (aya reuses a pinned map by name without comparing it to the
+/// object's definition). Bump it with any change to a type stored in a map.
+pub const LAYOUT_VERSION: u32 = 1;
+
 /// Single-entry array value with global settings.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -91,6 +97,9 @@ pub struct Config {
     /// judge "is this address local?" against the host's addresses with it,
     /// since `bpf_get_netns_cookie` reaches cgroup_skb only in Linux 6.15.
     pub host_netns_cookie: u64,
+    /// [`LAYOUT_VERSION`] of the agent that wrote this entry (0: never written).
+    pub layout: u32,
+    pub _pad: u32,
 }
 
 /// A segment per policy generation: the value of `maps::CGROUP_LABELS`
@@ -391,10 +400,12 @@ mod layout_tests {
     use super::*;
     use core::mem::size_of;
 
-    // Sizes are part of the kernel ABI: a change here must be deliberate.
+    // Sizes are part of the kernel ABI and of the pinned maps' layout: a
+    // change here must be deliberate, and bump LAYOUT_VERSION.
     #[test]
     fn sizes_have_no_implicit_padding() {
-        assert_eq!(size_of::<Config>(), 16);
+        assert_eq!(LAYOUT_VERSION, 1, "layout changed: update the sizes below too");
+        assert_eq!(size_of::<Config>(), 24);
         assert_eq!(size_of::<CgroupLabel>(), 8);
         assert_eq!(size_of::<PairKey>(), 12);
         assert_eq!(size_of::<PairValue>(), 8);

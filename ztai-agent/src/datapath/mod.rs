@@ -6,11 +6,12 @@ use std::{collections::BTreeSet, fs::File, net::IpAddr, path::{Path, PathBuf}};
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray, PerCpuHashMap, RingBuf, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, MapInfo, PerCpuArray, PerCpuHashMap, RingBuf, lpm_trie::Key},
     programs::{CgroupAttachMode, ProgramError, links::{FdLink, PinnedLink}},
 };
 use ztai_common::{
-    CONFIG_FLAG_LABELS_INCOMPLETE, CONFIG_FLAG_POLICY_LOADED, CgroupLabel, Config, FlowCounters, FlowKey, LocalAddrKey,
+    CONFIG_FLAG_LABELS_INCOMPLETE, CONFIG_FLAG_POLICY_LOADED, CgroupLabel, Config, FlowCounters, FlowKey, LAYOUT_VERSION,
+    LocalAddrKey,
     MAX_SEGMENTS, SegmentId, SocketKey, SocketOwner, maps as m,
 };
 
@@ -64,6 +65,12 @@ pub enum DatapathError {
     Link { name: &'static str, #[source] source: aya::programs::links::LinkError },
     #[error("another ztai-agent is using the pin folder {path}; stop it, or give this one its own --pin-dir")]
     PinDirBusy { path: PathBuf },
+    #[error(
+        "the pinned maps in {dir} {found}; this agent uses map layout {expected}, and adopting them would misread \
+         their contents. `ztai-agent uninstall --pin-dir {pin_dir}` removes them (enforcement stops until an agent \
+         attaches again)"
+    )]
+    IncompatiblePins { dir: PathBuf, pin_dir: PathBuf, found: String, expected: u32 },
     #[error("cannot pin or unpin {path}")]
     Pin { path: PathBuf, #[source] source: std::io::Error },
     #[error("map {map}: {op} failed")]
@@ -92,6 +99,48 @@ pub struct Datapath {
     local_addrs: BTreeSet<LocalAddrKey>,
 }
 
+/// Refuses pinned maps written with another map layout, before aya reuses
+/// them: it reopens a pinned map by name without comparing it to the object's
+/// definition. The config entry carries the layout version; maps pinned
+/// without a config entry are an unknown layout too.
+fn check_pinned_layout(pin_dir: &Path) -> Result<(), DatapathError> {
+    let maps = pin_dir.join("maps");
+    let incompatible = |found: String| DatapathError::IncompatiblePins {
+        dir: maps.clone(),
+        pin_dir: pin_dir.to_path_buf(),
+        found,
+        expected: LAYOUT_VERSION,
+    };
+    let config_pin = maps.join(m::CONFIG);
+    if !config_pin.exists() {
+        let others = std::fs::read_dir(&maps).map(|d| d.flatten().count()).unwrap_or(0);
+        return match others {
+            0 => Ok(()),
+            n => Err(incompatible(format!("hold {n} maps but no {} entry (an unknown layout)", m::CONFIG))),
+        };
+    }
+    let info = MapInfo::from_pin(&config_pin).map_err(map_err(m::CONFIG, "read pinned map info"))?;
+    let want = std::mem::size_of::<Config>() as u32;
+    if info.value_size() != want {
+        return Err(incompatible(format!(
+            "have a {}-byte {} value where this agent's is {want} bytes",
+            info.value_size(),
+            m::CONFIG
+        )));
+    }
+    let data = MapData::from_pin(&config_pin).map_err(map_err(m::CONFIG, "open pinned"))?;
+    let map = Map::from_map_data(data).map_err(map_err(m::CONFIG, "open pinned"))?;
+    let config: Config = Array::<_, Config>::try_from(map)
+        .and_then(|a| a.get(&0, 0))
+        .map_err(map_err(m::CONFIG, "read pinned"))?;
+    let never_written = config.layout == 0 && config.flags & CONFIG_FLAG_POLICY_LOADED == 0;
+    if never_written || config.layout == LAYOUT_VERSION {
+        Ok(())
+    } else {
+        Err(incompatible(format!("were written with map layout {}", config.layout)))
+    }
+}
+
 impl Datapath {
     /// Loads the object and every program into the kernel (the verifier runs
     /// here), attaching nothing yet. With `pin_dir`, maps are pinned under
@@ -114,6 +163,9 @@ impl Datapath {
             }
             None => Vec::new(),
         };
+        if let Some(dir) = pin_dir {
+            check_pinned_layout(dir)?;
+        }
         for (name, path) in &map_paths {
             loader.map_pin_path(name, path.as_path());
         }
@@ -244,6 +296,7 @@ impl Datapath {
     }
 
     fn write_config(&mut self) -> Result<(), DatapathError> {
+        self.config.layout = LAYOUT_VERSION;
         let config = self.config;
         let mut arr: Array<_, Config> = Array::try_from(self.map_mut(m::CONFIG)?).map_err(map_err(m::CONFIG, "open"))?;
         arr.set(0, config, 0).map_err(map_err(m::CONFIG, "set"))
