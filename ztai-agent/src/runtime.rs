@@ -24,6 +24,7 @@ use crate::{
         cgroups::{self, CgroupError, CgroupRoot, LabeledCgroup},
         local_addrs::{self, AddressEvents},
         policy_file::PolicyFileWatcher,
+        kernel::KernelSupport,
         sockets, workloads,
     },
     policy::{Checked, Policy, compile::compile},
@@ -503,7 +504,11 @@ pub async fn run(config: RunConfig) -> Result<(), RuntimeError> {
     for w in &warnings {
         warn!(diagnostic = w.to_string(); "policy warning");
     }
-    crate::discovery::kernel::check()?;
+    if let KernelSupport::Untested { release } = crate::discovery::kernel::check()? {
+        let (major, minor) = crate::discovery::kernel::OLDEST_TESTED;
+        warn!(release = release, oldest_tested = format!("{major}.{minor}");
+            "this kernel has every feature ztai needs but is older than any kernel its test suite runs on");
+    }
     // Bind first: a busy port fails before the kernel is touched.
     let metrics_state = MetricsState::new();
     let (metrics_stop, metrics_stopped) = tokio::sync::oneshot::channel::<()>();

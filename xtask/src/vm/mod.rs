@@ -32,7 +32,8 @@
 //! at most 4), `ZTAI_VM_BIN_TIMEOUT` (seconds per test binary, default 3600),
 //! `ZTAI_VM_TIMEOUT` (seconds per guest, default 14400), `ZTAI_VM_QUIET=1`
 //! (echo only the ZTAI-VM lines of the console), `ZTAI_VM_ONLY=pods,remote`
-//! (only these test binaries).
+//! (only these test binaries), `ZTAI_VM_EXPECT=5.10=refused,6.1=passed` (the
+//! result each kernel must have; CI sets it).
 
 mod initramfs;
 mod json;
@@ -824,6 +825,20 @@ fn run_native(built: &Built, out_dir: &Path, prep_start: Instant) -> anyhow::Res
     })
 }
 
+/// `ZTAI_VM_EXPECT=5.10=refused,6.1=passed`: the result each kernel must have, so a kernel that
+/// starts being refused (a raised floor) fails the run instead of passing as "refused".
+fn expectations() -> anyhow::Result<Vec<(String, String)>> {
+    let raw = std::env::var("ZTAI_VM_EXPECT").unwrap_or_default();
+    raw.split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .map(|p| match p.split_once('=') {
+            Some((k, w @ ("passed" | "refused"))) => Ok((k.trim().to_string(), w.to_string())),
+            _ => bail!("ZTAI_VM_EXPECT: {p:?} is not <kernel>=passed|refused"),
+        })
+        .collect()
+}
+
 fn summarize(outcomes: &[Outcome], out_dir: &Path) -> anyhow::Result<()> {
     let mut s = String::new();
     let _ = writeln!(s, "\nztai vm-test summary (TCG, {} host CPUs)", host_cpus());
@@ -842,7 +857,9 @@ fn summarize(outcomes: &[Outcome], out_dir: &Path) -> anyhow::Result<()> {
         "suite",
         "total"
     );
+    let expected = expectations()?;
     let mut bad = Vec::new();
+    let mut unexpected = Vec::new();
     for o in outcomes {
         let r = &o.report;
         let verdict = if o.qemu_error.is_some() && r.result_line.is_none() {
@@ -858,6 +875,11 @@ fn summarize(outcomes: &[Outcome], out_dir: &Path) -> anyhow::Result<()> {
         };
         if matches!(verdict, Verdict::Failed | Verdict::Broken) {
             bad.push(o.label.clone());
+        } else if let Some((_, want)) = expected.iter().find(|(k, _)| *k == o.label)
+            && want != word
+        {
+            bad.push(o.label.clone());
+            unexpected.push(format!("{}: {word}, expected {want}", o.label));
         }
         let boot = o
             .boot
@@ -930,6 +952,9 @@ fn summarize(outcomes: &[Outcome], out_dir: &Path) -> anyhow::Result<()> {
                 let _ = writeln!(s, "  [{}] dmesg: {l}", o.label);
             }
         }
+    }
+    for u in &unexpected {
+        let _ = writeln!(s, "  unexpected result: {u} (ZTAI_VM_EXPECT)");
     }
     print!("{s}");
     let _ = fs::write(out_dir.join("summary.txt"), &s);

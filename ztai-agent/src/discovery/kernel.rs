@@ -12,6 +12,18 @@ pub const REQUIRED: &[(&str, (u32, u32))] = &[
     ("network namespace cookies from userspace (SO_NETNS_COOKIE)", (5, 14)),
 ];
 
+/// The oldest kernel the integration suite passes on (`cargo xtask vm-test`,
+/// in CI). Between the feature floor and this, the agent runs but says so.
+pub const OLDEST_TESTED: (u32, u32) = (6, 1);
+
+/// A kernel that has every required feature.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KernelSupport {
+    Tested,
+    /// Has the features, but is older than [`OLDEST_TESTED`].
+    Untested { release: String },
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum KernelError {
     #[error("this kernel ({release}) lacks {feature}, which ztai needs; it arrived in Linux {major}.{minor}")]
@@ -43,13 +55,20 @@ pub fn missing(version: (u32, u32)) -> Option<(&'static str, (u32, u32))> {
     REQUIRED.iter().copied().find(|(_, need)| version < *need)
 }
 
-pub fn check() -> Result<(), KernelError> {
-    let release = release().ok_or(KernelError::Uname)?;
-    let version = parse_release(&release).ok_or(KernelError::Uname)?;
+pub fn support(release: &str) -> Result<KernelSupport, KernelError> {
+    let version = parse_release(release).ok_or(KernelError::Uname)?;
     match missing(version) {
-        Some((feature, (major, minor))) => Err(KernelError::TooOld { release, feature, major, minor }),
-        None => Ok(()),
+        Some((feature, (major, minor))) => {
+            Err(KernelError::TooOld { release: release.to_string(), feature, major, minor })
+        }
+        None if version < OLDEST_TESTED => Ok(KernelSupport::Untested { release: release.to_string() }),
+        None => Ok(KernelSupport::Tested),
     }
+}
+
+/// The running kernel's [`support`].
+pub fn check() -> Result<KernelSupport, KernelError> {
+    support(&release().ok_or(KernelError::Uname)?)
 }
 
 #[cfg(test)]
@@ -70,6 +89,14 @@ mod tests {
         assert_eq!(version, (5, 14));
         assert_eq!(missing((4, 19)).map(|(_, v)| v), Some((5, 2)));
         assert_eq!(missing((6, 1)), None);
+    }
+
+    #[test]
+    fn between_the_floor_and_the_oldest_tested_kernel_runs_untested() {
+        assert!(matches!(support("5.15.0-1-amd64"), Ok(KernelSupport::Untested { .. })));
+        assert_eq!(support("6.1.0-40-cloud-amd64").ok(), Some(KernelSupport::Tested));
+        assert!(matches!(support("5.10.0-35-cloud-amd64"), Err(KernelError::TooOld { major: 5, minor: 14, .. })));
+        assert!(matches!(support("garbage"), Err(KernelError::Uname)));
     }
 
     #[test]
