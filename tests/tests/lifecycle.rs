@@ -205,6 +205,53 @@ fn a_policy_file_replaced_by_rename_is_picked_up_without_a_signal_and_so_is_an_i
     );
 }
 
+/// A Kubernetes ConfigMap volume: `policy.yaml -> ..data/policy.yaml`, `..data -> ..<timestamp>`.
+/// The kubelet updates it by writing a new timestamped folder and renaming a new `..data` link
+/// over the old one; `policy.yaml` itself never changes. A running agent must pick that up.
+#[test]
+fn a_configmap_style_update_swapping_the_data_symlink_is_picked_up_without_a_restart() {
+    require_agent!();
+    const PORT: u16 = 27591;
+    let cg = TestCgroup::new();
+    let (orch, inf) = (cg.child("orch"), cg.child("inf"));
+    let v1 = segments(&cg);
+    let agent = Agent::start_ready(&v1, &cg);
+    let server = ProbeCmd::tcp_listen(format!("127.0.0.1:{PORT}"))
+        .in_cgroup(&inf)
+        .spawn();
+    server.wait_listening();
+    let policy = agent.policy_path().to_path_buf();
+    let dir = policy.parent().expect("policy file has a folder").to_path_buf();
+    let publish = |version: &str, yaml: &str| {
+        let data = dir.join(version);
+        std::fs::create_dir(&data).expect("create the versioned folder");
+        std::fs::write(data.join("policy.yaml"), yaml).expect("write the versioned policy");
+        let tmp = dir.join("..data_tmp");
+        std::os::unix::fs::symlink(version, &tmp).expect("link ..data_tmp");
+        std::fs::rename(&tmp, dir.join("..data")).expect("rename ..data_tmp over ..data");
+    };
+    // Turn the agent's file into the ConfigMap layout with the same content: no reload.
+    publish("..2026_11_26_00_00_01.1", &v1.to_yaml());
+    let tmp = dir.join("policy.yaml.tmp");
+    std::os::unix::fs::symlink("..data/policy.yaml", &tmp).expect("link policy.yaml.tmp");
+    std::fs::rename(&tmp, &policy).expect("rename the link over policy.yaml");
+    assert_denied(&agent, &orch, PORT, "in the ConfigMap layout, before the update");
+
+    // The kubelet's update.
+    let v2 = segments(&cg).allow("orchestrator", "inference", &[format!("{PORT}/tcp")]);
+    publish("..2026_11_26_00_01_02.2", &v2.to_yaml());
+    std::fs::remove_dir_all(dir.join("..2026_11_26_00_00_01.1")).expect("remove the old version");
+    let applied = agent.wait_policy_applied(2, RELOAD_DEADLINE);
+    assert_eq!(applied["trigger"], TRIGGER_FILE, "{applied}");
+    assert_allowed(&agent, &orch, PORT, "after the ..data swap that added the rule");
+    assert_eq!(
+        agent.applied_policies(),
+        vec![(2, TRIGGER_FILE.to_string())],
+        "one reload for the swap, none for the identical layout change\n{}",
+        agent.diagnostics()
+    );
+}
+
 #[test]
 fn rewriting_the_policy_file_with_identical_content_is_ignored_while_sighup_always_re_applies() {
     require_agent!();
