@@ -12,6 +12,7 @@ use std::os::unix::fs::MetadataExt;
 
 use serde_json::Value;
 
+use ztai_tests::metrics::sample_value;
 use ztai_tests::probe::exit;
 use ztai_tests::time::{now_unix, parse_rfc3339};
 use ztai_tests::{
@@ -548,4 +549,77 @@ fn connections_started_inside_the_subtree_are_judged_at_connect_and_not_judged_a
         ingress.is_empty(),
         "connections from inside the subtree must not be judged at the receiver: {ingress:#?}"
     );
+}
+
+/// A blocked UDP sender's datagrams are dropped one by one at the receiver, one kernel event
+/// each: the flow is reported once, the other drops are folded and counted.
+#[test]
+fn repeated_drops_of_one_flow_are_reported_once_and_the_rest_counted_as_folded() {
+    require_agent!();
+    const N: u32 = 20;
+    const FOLDED: &str = "ztai_violation_reports_folded_total";
+    let p = Ports {
+        inbound_tcp: 27555,
+        closed_tcp: 27556,
+        inbound_udp: 27557,
+    };
+    let remote = RemoteHost::new();
+    let cg = TestCgroup::new();
+    let inf = cg.child("inf");
+    let agent = Agent::start_ready(&policy(&cg, &remote, &p), &cg);
+    let echo = ProbeCmd::udp_echo(format!("[::]:{}", p.inbound_udp))
+        .in_cgroup(&inf)
+        .spawn();
+    echo.wait_listening();
+
+    let target = SocketAddr::new(remote.host_v4(), p.inbound_udp);
+    let out = ProbeCmd::udp_send(target)
+        .bind(SocketAddr::new(remote.world_v4(), 0))
+        .count(N)
+        .in_netns(remote.netns())
+        .run();
+    assert!(out.is_ok(), "world -> inference: {N} datagrams sent: {out}");
+    let src = bound(&out);
+    expect_ingress_report(
+        &agent,
+        &Inbound {
+            proto: "udp",
+            src_segment: "world",
+            src,
+            dst_segment: "inference",
+            dst_cgroup: &inf,
+            dst: target,
+        },
+    );
+    let samples = agent.wait_metric_at_least(FOLDED, &[], f64::from(N - 1), DEFAULT_TIMEOUT);
+    assert_eq!(
+        sample_value(&samples, FOLDED, &[]),
+        Some(f64::from(N - 1)),
+        "every drop after the first is folded, no more\n{}",
+        agent.diagnostics()
+    );
+    // The report stream is ordered: once a later denial is in, every line of the flow is too.
+    let marker = ProbeCmd::udp_send(SocketAddr::new(remote.host_v4(), p.inbound_udp))
+        .bind(SocketAddr::new(remote.world_v4(), 0))
+        .in_netns(remote.netns())
+        .run();
+    expect_ingress_report(
+        &agent,
+        &Inbound {
+            proto: "udp",
+            src_segment: "world",
+            src: bound(&marker),
+            dst_segment: "inference",
+            dst_cgroup: &inf,
+            dst: target,
+        },
+    );
+    let lines: Vec<Value> = agent
+        .violations()
+        .into_iter()
+        .filter(|v| v["direction"] == "ingress" && v["src"]["port"] == src.port())
+        .collect();
+    assert_eq!(lines.len(), 1, "one line for the flow: {lines:#?}");
+    assert!(lines[0].get("folded").is_none(), "the first line folds nothing: {}", lines[0]);
+    assert_server_never_saw(&echo, src);
 }

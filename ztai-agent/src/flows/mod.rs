@@ -54,6 +54,10 @@ pub struct Totals {
     /// Cgroups the label map refused (full).
     #[serde(default)]
     pub label_failures: u64,
+    /// Ingress drops not printed because they repeated a flow's line within
+    /// its window (`report::fold`).
+    #[serde(default)]
+    pub reports_folded: u64,
 }
 
 /// Everything observable at one instant.

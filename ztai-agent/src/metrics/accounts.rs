@@ -150,6 +150,7 @@ pub(crate) struct TotalCounters {
     pub revoked_packets: Monotonic,
     pub socket_table_full: Monotonic,
     pub label_failures: Monotonic,
+    pub reports_folded: Monotonic,
 }
 
 impl TotalCounters {
@@ -163,6 +164,7 @@ impl TotalCounters {
         self.revoked_packets.observe(t.revoked_packets);
         self.socket_table_full.observe(t.socket_table_full);
         self.label_failures.observe(t.label_failures);
+        self.reports_folded.observe(t.reports_folded);
     }
 }
 

@@ -152,6 +152,7 @@ impl Collector for StateCollector {
             ("ztai_revoked_packets", "Packets of established connections dropped after a reload or relabel revoked them.", t.revoked_packets.get()),
             ("ztai_socket_table_full", "Labeled sockets refused because the socket-owner map was full (fail closed).", t.socket_table_full.get()),
             ("ztai_label_failures", "Cgroups the label map refused (full); unlabeled traffic then fails closed.", t.label_failures.get()),
+            ("ztai_violation_reports_folded", "Ingress drops not printed because they repeated their flow's report line within a minute.", t.reports_folded.get()),
         ];
         for (name, help, n) in counters {
             let m = ConstCounter::new(n);

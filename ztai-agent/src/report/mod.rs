@@ -1,4 +1,7 @@
-//! Kernel violation events → one JSON line each on stdout.
+//! Kernel violation events → one JSON line each on stdout (repeated ingress
+//! drops of one flow folded, see `fold`).
+pub mod fold;
+
 use std::{collections::HashMap, net::IpAddr};
 
 use chrono::{DateTime, SecondsFormat, Utc};
@@ -21,6 +24,11 @@ fn clock_ns(clock: libc::clockid_t) -> i128 {
     // SAFETY: ts is valid storage; both clocks always exist on Linux.
     unsafe { libc::clock_gettime(clock, &mut ts) };
     ts.tv_sec as i128 * 1_000_000_000 + ts.tv_nsec as i128
+}
+
+/// Now, on the clock of `bpf_ktime_get_ns` (CLOCK_MONOTONIC).
+pub fn monotonic_ns() -> u64 {
+    u64::try_from(clock_ns(libc::CLOCK_MONOTONIC)).unwrap_or(0)
 }
 
 /// Wall-clock time of a `bpf_ktime_get_ns` (CLOCK_MONOTONIC) stamp.
