@@ -9,8 +9,8 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, anyhow, bail};
+use serde_json::Value;
 
-use super::json::Json;
 use super::sys;
 
 const STOP_TIMEOUT: Duration = Duration::from_secs(15);
@@ -145,7 +145,7 @@ impl Agent {
         msg: &str,
         from: usize,
         timeout: Duration,
-    ) -> anyhow::Result<(Instant, Json)> {
+    ) -> anyhow::Result<(Instant, Value)> {
         let deadline = Instant::now() + timeout;
         let mut st = self.log.state.lock().unwrap();
         let mut seen = from;
@@ -153,8 +153,8 @@ impl Agent {
             while seen < st.lines.len() {
                 let (t, line) = &st.lines[seen];
                 seen += 1;
-                if let Some(v) = Json::parse(line)
-                    && v.get("msg").and_then(Json::as_str) == Some(msg)
+                if let Ok(v) = serde_json::from_str::<Value>(line)
+                    && v.get("msg").and_then(Value::as_str) == Some(msg)
                 {
                     return Ok((*t, v));
                 }
@@ -187,7 +187,7 @@ impl Agent {
     }
 
     /// Waits for `"msg":"ready"`; returns the time from spawn to that line.
-    pub fn wait_ready(&self, timeout: Duration) -> anyhow::Result<(Duration, Json)> {
+    pub fn wait_ready(&self, timeout: Duration) -> anyhow::Result<(Duration, Value)> {
         let (t, v) = self.wait_msg("ready", 0, timeout)?;
         Ok((t - self.spawned, v))
     }
@@ -225,7 +225,7 @@ impl Agent {
     pub fn metrics_addr(&self) -> anyhow::Result<String> {
         let (_, v) = self.wait_msg("ready", 0, Duration::from_secs(1))?;
         v.get("metrics_addr")
-            .and_then(Json::as_str)
+            .and_then(Value::as_str)
             .filter(|a| *a != "off")
             .map(str::to_string)
             .ok_or_else(|| anyhow!("ready line has no metrics_addr"))
@@ -356,6 +356,27 @@ pub fn count_newlines(buf: &[u8]) -> u64 {
 
 #[cfg(test)]
 mod tests {
+    use serde_json::Value;
+
+    /// The agent's log lines and iperf3's nested documents, read as the bench
+    /// reads them.
+    #[test]
+    fn parses_log_lines_and_nested_documents() {
+        let v: Value = serde_json::from_str(r#"{"msg":"ready","metrics_addr":"127.0.0.1:4000","rules":10,"x":[1,{"a":null}],"e":"\u00e9\"\n"}"#).unwrap();
+        assert_eq!(v.get("msg").and_then(Value::as_str), Some("ready"));
+        assert_eq!(v.get("rules").and_then(Value::as_u64), Some(10));
+        assert_eq!(v.get("x").and_then(Value::as_array).unwrap().len(), 2);
+        assert_eq!(v.get("e").and_then(Value::as_str), Some("é\"\n"));
+        let n: Value =
+            serde_json::from_str(r#"{"end":{"sum_received":{"bits_per_second":1.5e10}}}"#).unwrap();
+        assert_eq!(
+            n.pointer("/end/sum_received/bits_per_second")
+                .and_then(Value::as_f64),
+            Some(1.5e10)
+        );
+        assert!(serde_json::from_str::<Value>("{\"a\":1").is_err());
+    }
+
     #[test]
     fn counts_newlines_exactly() {
         let mut v = Vec::new();

@@ -6,8 +6,7 @@ use std::path::Path;
 use std::process::Command;
 
 use anyhow::{Context as _, bail};
-
-use super::json::Json;
+use serde_json::Value;
 
 const SYSCTL: &str = "/proc/sys/kernel/bpf_stats_enabled";
 
@@ -38,7 +37,7 @@ impl Drop for StatsEnabled {
     }
 }
 
-fn bpftool(args: &[&str]) -> anyhow::Result<Json> {
+fn bpftool(args: &[&str]) -> anyhow::Result<Value> {
     let out = Command::new("bpftool")
         .arg("-j")
         .args(args)
@@ -54,9 +53,10 @@ fn bpftool(args: &[&str]) -> anyhow::Result<Json> {
     let text = String::from_utf8_lossy(&out.stdout);
     // Empty output means an empty list.
     if text.trim().is_empty() {
-        return Ok(Json::Arr(Vec::new()));
+        return Ok(Value::Array(Vec::new()));
     }
-    Json::parse(text.trim()).with_context(|| format!("bpftool {} printed no JSON", args.join(" ")))
+    serde_json::from_str(text.trim())
+        .with_context(|| format!("bpftool {} printed no JSON", args.join(" ")))
 }
 
 #[derive(Clone, Debug)]
@@ -75,18 +75,19 @@ pub fn attached(cgroup: &Path, effective: bool) -> anyhow::Result<Vec<Attached>>
     }
     let v = bpftool(&args)?;
     Ok(v.as_array()
-        .iter()
+        .into_iter()
+        .flatten()
         .filter_map(|p| {
             Some(Attached {
                 id: p.get("id")?.as_u64()?,
                 name: p
                     .get("name")
-                    .and_then(Json::as_str)
+                    .and_then(Value::as_str)
                     .unwrap_or("?")
                     .to_string(),
                 attach_type: p
                     .get("attach_type")
-                    .and_then(Json::as_str)
+                    .and_then(Value::as_str)
                     .unwrap_or("?")
                     .to_string(),
             })
@@ -98,13 +99,13 @@ pub fn attached(cgroup: &Path, effective: bool) -> anyhow::Result<Vec<Attached>>
 pub fn run_stats(ids: &[u64]) -> anyhow::Result<HashMap<u64, (u64, u64)>> {
     let v = bpftool(&["prog", "show"])?;
     let mut out = HashMap::new();
-    for p in v.as_array() {
-        let Some(id) = p.get("id").and_then(Json::as_u64) else {
+    for p in v.as_array().into_iter().flatten() {
+        let Some(id) = p.get("id").and_then(Value::as_u64) else {
             continue;
         };
         if ids.contains(&id) {
-            let ns = p.get("run_time_ns").and_then(Json::as_u64).unwrap_or(0);
-            let cnt = p.get("run_cnt").and_then(Json::as_u64).unwrap_or(0);
+            let ns = p.get("run_time_ns").and_then(Value::as_u64).unwrap_or(0);
+            let cnt = p.get("run_cnt").and_then(Value::as_u64).unwrap_or(0);
             out.insert(id, (ns, cnt));
         }
     }

@@ -15,7 +15,6 @@ mod agent;
 mod bpf;
 mod cgroup;
 mod child;
-mod json;
 mod nft;
 mod phases;
 mod policy;

@@ -7,12 +7,12 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, anyhow, bail};
+use serde_json::Value;
 
 use super::agent::{self, Agent, ProcStats};
 use super::bpf;
 use super::cgroup::{self, BenchCgroup};
 use super::child::{self, Proc};
-use super::json::Json;
 use super::nft::NftTable;
 use super::policy::{self, BULK_PORT, CONN_PORT, PLAIN_PORT, STORM_PORT, Size, UDP_PORT};
 use super::profile::{self, Profile};
@@ -664,21 +664,21 @@ impl Bench {
             )?;
             let out = client.output(Duration::from_secs(secs + 30))?;
             drop(server);
-            let v = Json::parse(out.trim())
-                .ok_or_else(|| anyhow!("iperf3 -J printed no JSON:\n{out}"))?;
+            let v: Value = serde_json::from_str(out.trim())
+                .map_err(|_| anyhow!("iperf3 -J printed no JSON:\n{out}"))?;
             // The median one-second interval: a stall of the shared machine
             // spoils an interval, not the run.
             let mut per_second = Samples::default();
-            for i in v.get("intervals").map(Json::as_array).unwrap_or(&[]) {
-                if let Some(b) = i.path("sum.bits_per_second").and_then(Json::as_f64) {
+            for i in v["intervals"].as_array().into_iter().flatten() {
+                if let Some(b) = i.pointer("/sum/bits_per_second").and_then(Value::as_f64) {
                     per_second.push(b);
                 }
             }
             let bps = if !per_second.0.is_empty() {
                 per_second.median()
             } else {
-                v.path("end.sum_received.bits_per_second")
-                    .and_then(Json::as_f64)
+                v.pointer("/end/sum_received/bits_per_second")
+                    .and_then(Value::as_f64)
                     .ok_or_else(|| {
                         anyhow!("iperf3 result has no end.sum_received.bits_per_second")
                     })?
@@ -843,8 +843,8 @@ impl Bench {
                     let from = agent.log_len();
                     let sent = agent.sighup()?;
                     let (at, line) = agent.wait_msg("policy applied", from, READY_TIMEOUT)?;
-                    if line.get("rules").and_then(Json::as_u64) != Some(size.rules as u64) {
-                        bail!("reload applied an unexpected policy: {line:?}");
+                    if line.get("rules").and_then(Value::as_u64) != Some(size.rules as u64) {
+                        bail!("reload applied an unexpected policy: {line}");
                     }
                     reloads.push(ms(at - sent));
                     std::thread::sleep(Duration::from_millis(100));

@@ -10,8 +10,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
+use serde_json::Value;
 
-use super::json::Json;
 use super::sys::{self, Placement, Proc};
 
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
@@ -41,7 +41,7 @@ pub struct Agent {
     pub pin_dir: PathBuf,
     pub control_socket: PathBuf,
     pub metrics_addr: Option<SocketAddr>,
-    pub ready: Option<Json>,
+    pub ready: Option<Value>,
     /// Problems seen while stopping it (reported, never hidden).
     pub stop_problems: Arc<Mutex<Vec<String>>>,
     stopped: bool,
@@ -111,8 +111,8 @@ impl Agent {
         Self::snapshot(&self.stderr)
             .into_iter()
             .filter(|l| !l.trim().is_empty())
-            .filter_map(|l| match Json::parse(&l) {
-                Ok(v) => match v.get("level").str() {
+            .filter_map(|l| match serde_json::from_str::<Value>(&l) {
+                Ok(v) => match v["level"].as_str() {
                     Some(level @ ("warn" | "error")) => Some((level.to_string(), l)),
                     _ => None,
                 },
@@ -123,12 +123,12 @@ impl Agent {
 
     /// Every stdout line, parsed; a line that is not a JSON object is an error
     /// (stdout is for violation reports only).
-    pub fn violations(&self) -> anyhow::Result<Vec<Json>> {
+    pub fn violations(&self) -> anyhow::Result<Vec<Value>> {
         Self::snapshot(&self.stdout)
             .iter()
             .filter(|l| !l.trim().is_empty())
-            .map(|l| match Json::parse(l) {
-                Ok(v @ Json::Obj(_)) => Ok(v),
+            .map(|l| match serde_json::from_str(l) {
+                Ok(v @ Value::Object(_)) => Ok(v),
                 _ => bail!("the agent printed a stdout line that is not a JSON object: {l:?}"),
             })
             .collect()
@@ -145,10 +145,10 @@ impl Agent {
                 std::thread::sleep(Duration::from_millis(100));
                 bail!("ztai-agent exited ({status}) before it was ready; its log:\n{}", sys::indent(&self.stderr_tail(30)));
             }
-            Ok(Self::snapshot(&self.stderr).iter().filter_map(|l| Json::parse(l).ok()).find(|v| v.get("msg").str() == Some("ready")))
+            Ok(Self::snapshot(&self.stderr).iter().filter_map(|l| serde_json::from_str::<Value>(l).ok()).find(|v| v["msg"].as_str() == Some("ready")))
         })
         .with_context(|| format!("agent log:\n{}", sys::indent(&self.stderr_tail(30))))?;
-        self.metrics_addr = ready.get("metrics_addr").str().and_then(|a| a.parse().ok());
+        self.metrics_addr = ready["metrics_addr"].as_str().and_then(|a| a.parse().ok());
         self.ready = Some(ready);
         Ok(())
     }

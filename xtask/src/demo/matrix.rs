@@ -7,8 +7,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+use serde_json::Value;
+
 use super::host::Remote;
-use super::json::Json;
 use super::packages::Tools;
 use super::policy::Policy;
 use super::services::{CONVERSATION_PORT, ENTERPRISE_PORT, GATEWAY_PORT, INFERENCE_PORT, Probes, RETRIEVAL_PORT};
@@ -109,7 +110,7 @@ pub struct Cell {
     pub outcome: Outcome,
     pub detail: String,
     pub elapsed: Duration,
-    pub line: Option<Json>,
+    pub line: Option<Value>,
     pub lines: usize,
     pub expect: Expect,
     pub problems: Vec<String>,
@@ -220,21 +221,21 @@ struct Running {
 
 /// The gist of a successful answer.
 fn summary(kind: Kind, stdout: &str) -> String {
-    let v = Json::parse(stdout.trim()).unwrap_or(Json::Null);
+    let v: Value = serde_json::from_str(stdout.trim()).unwrap_or(Value::Null);
     let text = match kind {
         Kind::Completion => {
-            format!("{} {:?}", v.get("object").str().unwrap_or("?"), v.get("choices").first().get("text").str().unwrap_or("").trim())
+            format!("{} {:?}", v["object"].as_str().unwrap_or("?"), v["choices"][0]["text"].as_str().unwrap_or("").trim())
         }
         Kind::Sql => format!("nearest document: {}", stdout.trim()),
         Kind::Redis => format!("history: {}", stdout.lines().map(str::trim).collect::<Vec<_>>().join(" | ")),
         Kind::Gateway | Kind::Crm => {
-            let c = v.get("customer");
+            let c = &v["customer"];
             format!(
                 "{}: {} ({}){}",
-                v.get("service").str().unwrap_or("?"),
-                c.get("name").str().unwrap_or("?"),
-                c.get("tier").str().unwrap_or("?"),
-                v.get("via").str().map(|via| format!(", via {via}")).unwrap_or_default()
+                v["service"].as_str().unwrap_or("?"),
+                c["name"].as_str().unwrap_or("?"),
+                c["tier"].as_str().unwrap_or("?"),
+                v["via"].as_str().map(|via| format!(", via {via}")).unwrap_or_default()
             )
         }
     };
@@ -266,7 +267,7 @@ fn classify(kind: Kind, status: Option<ExitStatus>, stdout: &str, stderr: &str, 
 
 /// Runs every cell at once (the dropped ones wait for their connect timeout)
 /// and judges them against `policy` and the agent's violation lines.
-pub fn run(env: &Env, policy: &Policy, violations: &dyn Fn() -> anyhow::Result<Vec<Json>>) -> anyhow::Result<Vec<Cell>> {
+pub fn run(env: &Env, policy: &Policy, violations: &dyn Fn() -> anyhow::Result<Vec<Value>>) -> anyhow::Result<Vec<Cell>> {
     let mut running = Vec::new();
     for src in SOURCES {
         for t in targets() {
@@ -329,13 +330,13 @@ pub fn run(env: &Env, policy: &Policy, violations: &dyn Fn() -> anyhow::Result<V
 
     // Attach the agent's reports: by the client's pid for a verdict at
     // connect(), by the remote address and port for one at ingress.
-    let matches = |c: &Cell, v: &Json| -> bool {
+    let matches = |c: &Cell, v: &Value| -> bool {
         if c.src == REMOTE_SEGMENT {
-            v.get("direction").str() == Some("ingress")
-                && v.at(&["src", "addr"]).str() == Some(env.remote.remote_v4.as_str())
-                && v.at(&["dst", "port"]).u64() == Some(u64::from(c.target.port))
+            v["direction"].as_str() == Some("ingress")
+                && v["src"]["addr"].as_str() == Some(env.remote.remote_v4.as_str())
+                && v["dst"]["port"].as_u64() == Some(u64::from(c.target.port))
         } else {
-            v.at(&["src", "pid"]).u64() == Some(u64::from(c.pid))
+            v["src"]["pid"].as_u64() == Some(u64::from(c.pid))
         }
     };
     let expected_lines = cells.iter().filter(|c| c.expect.line.is_some()).count();
@@ -351,7 +352,7 @@ pub fn run(env: &Env, policy: &Policy, violations: &dyn Fn() -> anyhow::Result<V
         sys::sleep(Duration::from_millis(50))?;
     };
     for c in &mut cells {
-        let mine: Vec<&Json> = lines.iter().filter(|v| matches(c, v)).collect();
+        let mine: Vec<&Value> = lines.iter().filter(|v| matches(c, v)).collect();
         c.lines = mine.len();
         c.line = mine.first().map(|v| (*v).clone());
         judge(c);
@@ -370,42 +371,42 @@ fn judge(c: &mut Cell) {
         (Some((verdict, _)), None) => c.problems.push(format!("no \"verdict\":\"{verdict}\" line on the agent's stdout")),
         (Some((verdict, direction)), Some(v)) => {
             let want = [
-                ("verdict", vec!["verdict"], verdict.to_string()),
-                ("direction", vec!["direction"], direction.to_string()),
-                ("proto", vec!["proto"], "tcp".to_string()),
-                ("src.segment", vec!["src", "segment"], c.src.to_string()),
-                ("dst.segment", vec!["dst", "segment"], c.target.segment.to_string()),
+                ("verdict", &v["verdict"], verdict.to_string()),
+                ("direction", &v["direction"], direction.to_string()),
+                ("proto", &v["proto"], "tcp".to_string()),
+                ("src.segment", &v["src"]["segment"], c.src.to_string()),
+                ("dst.segment", &v["dst"]["segment"], c.target.segment.to_string()),
             ];
-            for (name, path, value) in want {
-                let got = v.at(&path).str().unwrap_or("");
+            for (name, got, value) in want {
+                let got = got.as_str().unwrap_or("");
                 if got != value {
                     c.problems.push(format!("report has {name} {got:?}, expected {value:?}"));
                 }
             }
-            if v.at(&["dst", "port"]).u64() != Some(u64::from(c.target.port)) {
-                c.problems.push(format!("report has dst.port {:?}, expected {}", v.at(&["dst", "port"]), c.target.port));
+            if v["dst"]["port"].as_u64() != Some(u64::from(c.target.port)) {
+                c.problems.push(format!("report has dst.port {}, expected {}", v["dst"]["port"], c.target.port));
             }
-            if v.get("reason").str().is_none_or(str::is_empty) {
+            if v["reason"].as_str().is_none_or(str::is_empty) {
                 c.problems.push("report has no reason".into());
             }
         }
     }
 }
 
-fn compact(v: &Json) -> String {
+fn compact(v: &Value) -> String {
     format!(
         "verdict={} {} -> {} port {} reason={:?}",
-        v.get("verdict").str().unwrap_or("?"),
-        v.at(&["src", "segment"]).str().unwrap_or("?"),
-        v.at(&["dst", "segment"]).str().unwrap_or("?"),
-        v.at(&["dst", "port"]).u64().unwrap_or(0),
-        v.get("reason").str().unwrap_or("")
+        v["verdict"].as_str().unwrap_or("?"),
+        v["src"]["segment"].as_str().unwrap_or("?"),
+        v["dst"]["segment"].as_str().unwrap_or("?"),
+        v["dst"]["port"].as_u64().unwrap_or(0),
+        v["reason"].as_str().unwrap_or("")
     )
 }
 
 fn cell_word(c: &Cell) -> String {
     let mut w = c.outcome.word().to_string();
-    if c.outcome == Outcome::Allowed && c.line.as_ref().is_some_and(|v| v.get("verdict").str() == Some("audit")) {
+    if c.outcome == Outcome::Allowed && c.line.as_ref().is_some_and(|v| v["verdict"].as_str() == Some("audit")) {
         w.push_str("+audit");
     }
     format!("{w} {}", if c.ok() { "✓" } else { "✗" })
@@ -448,10 +449,10 @@ pub fn print(cells: &[Cell]) {
         let report = match &c.line {
             Some(v) => format!(
                 "{} {} {}: {}{}",
-                v.get("verdict").str().unwrap_or("?"),
-                v.get("direction").str().unwrap_or("?"),
-                v.get("hook").str().unwrap_or("?"),
-                v.get("reason").str().unwrap_or("?"),
+                v["verdict"].as_str().unwrap_or("?"),
+                v["direction"].as_str().unwrap_or("?"),
+                v["hook"].as_str().unwrap_or("?"),
+                v["reason"].as_str().unwrap_or("?"),
                 if c.lines > 1 { format!(" (×{})", c.lines) } else { String::new() }
             ),
             None => format!("answer: {}", if c.outcome == Outcome::Allowed { &c.detail } else { "-" }),
@@ -487,7 +488,7 @@ pub fn headlines(cells: &[Cell], audit: bool) -> Vec<(String, bool)> {
                 cells
                     .iter()
                     .filter(|c| c.expect.line.is_some())
-                    .all(|c| c.ok() && c.line.as_ref().is_some_and(|v| v.get("verdict").str() == Some("audit"))),
+                    .all(|c| c.ok() && c.line.as_ref().is_some_and(|v| v["verdict"].as_str() == Some("audit"))),
             ),
             ("the flows the policy allows are not reported".into(), cells.iter().filter(|c| c.expect.line.is_none()).all(Cell::ok)),
         ];
@@ -507,4 +508,26 @@ pub fn headlines(cells: &[Cell], audit: bool) -> Vec<(String, bool)> {
             cells.iter().filter(|c| c.target.segment == "enterprise" && c.src != "gateway").all(|c| denied(Some(c))),
         ),
     ]
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::{Value, json};
+
+    #[test]
+    fn reads_a_violation_line() {
+        let v: Value = serde_json::from_str(
+            r#"{"verdict":"deny","src":{"segment":"inference","pid":4242,"addr":null},"dst":{"port":6379},"reason":"no rule allows a -> b tcp/6379 \u00e9\n"}"#,
+        )
+        .unwrap();
+        assert_eq!(v["verdict"].as_str(), Some("deny"));
+        assert_eq!(v["src"]["pid"].as_u64(), Some(4242));
+        assert_eq!(v["src"]["addr"], Value::Null);
+        assert_eq!(v["nothing"]["here"], Value::Null);
+        assert_eq!(v["dst"]["port"].as_u64(), Some(6379));
+        assert_eq!(v["reason"].as_str(), Some("no rule allows a -> b tcp/6379 é\n"));
+        assert_eq!(super::compact(&v), "verdict=deny inference -> ? port 6379 reason=\"no rule allows a -> b tcp/6379 é\\n\"");
+        assert!(serde_json::from_str::<Value>("{\"a\":1} x").is_err());
+        assert_eq!(serde_json::from_str::<Value>("[1, -2.5e1, true]").unwrap(), json!([1, -25.0, true]));
+    }
 }

@@ -23,7 +23,6 @@
 
 mod agent;
 mod host;
-mod json;
 mod matrix;
 mod packages;
 mod policy;
@@ -265,10 +264,10 @@ fn session(
     if let Some(r) = &agent.ready {
         println!(
             "  agent ready: {} labeled cgroups, {} sockets already listening recorded, metrics on {}, flows on {}",
-            r.get("labeled_cgroups").u64().map_or("?".into(), |n| n.to_string()),
-            r.get("existing_sockets").u64().map_or("?".into(), |n| n.to_string()),
-            r.get("metrics_addr").str().unwrap_or("?"),
-            r.get("control_socket").str().unwrap_or("?")
+            r["labeled_cgroups"].as_u64().map_or("?".into(), |n| n.to_string()),
+            r["existing_sockets"].as_u64().map_or("?".into(), |n| n.to_string()),
+            r["metrics_addr"].as_str().unwrap_or("?"),
+            r["control_socket"].as_str().unwrap_or("?")
         );
     }
     let pids: Vec<String> = stack.services.iter().map(|p| format!("{} pid {}", p.name, p.pid())).collect();

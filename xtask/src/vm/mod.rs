@@ -36,7 +36,6 @@
 //! result each kernel must have; CI sets it).
 
 mod initramfs;
-mod json;
 mod kernels;
 mod report;
 
@@ -51,6 +50,7 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
+use serde_json::Value;
 
 use crate::workspace_root;
 
@@ -184,35 +184,31 @@ fn build() -> anyhow::Result<Built> {
     let mut tests = Vec::new();
     let mut probe = None;
     for line in text.lines().filter(|l| l.starts_with('{')) {
-        let Ok(v) = json::parse(line) else { continue };
-        if v.get("reason").and_then(json::Json::str) != Some("compiler-artifact") {
+        let Ok(v) = serde_json::from_str::<Value>(line) else {
+            continue;
+        };
+        if v.get("reason").and_then(Value::as_str) != Some("compiler-artifact") {
             continue;
         }
-        let Some(exe) = v.get("executable").and_then(json::Json::str) else {
+        let Some(exe) = v.get("executable").and_then(Value::as_str) else {
             continue;
         };
         let name = v
-            .path("target.name")
-            .and_then(json::Json::str)
+            .pointer("/target/name")
+            .and_then(Value::as_str)
             .unwrap_or("?")
             .to_string();
         let kind = v
-            .path("target.kind")
-            .map(|k| {
-                k.arr()
-                    .first()
-                    .and_then(json::Json::str)
-                    .unwrap_or("?")
-                    .to_string()
-            })
+            .pointer("/target/kind")
+            .map(|k| k.get(0).and_then(Value::as_str).unwrap_or("?").to_string())
             .unwrap_or_default();
         let is_test = v
-            .path("profile.test")
-            .and_then(json::Json::bool)
+            .pointer("/profile/test")
+            .and_then(Value::as_bool)
             .unwrap_or(false);
         let src = PathBuf::from(
-            v.path("target.src_path")
-                .and_then(json::Json::str)
+            v.pointer("/target/src_path")
+                .and_then(Value::as_str)
                 .unwrap_or(""),
         );
         if !is_test {
@@ -966,5 +962,43 @@ fn summarize(outcomes: &[Outcome], out_dir: &Path) -> anyhow::Result<()> {
             bad.join(", "),
             out_dir.display()
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::Value;
+
+    #[test]
+    fn cargo_artifact_line() {
+        let line = r#"{"reason":"compiler-artifact","target":{"kind":["test"],"name":"harness","src_path":"/w/tests/tests/harness.rs","test":true},"profile":{"test":true,"opt_level":"0"},"executable":"/w/target/debug/deps/harness-c1","fresh":true,"x":[1,2.5,-3e2,null,false]}"#;
+        let v: Value = serde_json::from_str(line).unwrap();
+        assert_eq!(
+            v.pointer("/target/name").and_then(Value::as_str),
+            Some("harness")
+        );
+        assert_eq!(
+            v.pointer("/profile/test").and_then(Value::as_bool),
+            Some(true)
+        );
+        assert_eq!(
+            v.get("executable").and_then(Value::as_str),
+            Some("/w/target/debug/deps/harness-c1")
+        );
+        assert_eq!(
+            v.pointer("/target/kind")
+                .and_then(|k| k.get(0))
+                .and_then(Value::as_str),
+            Some("test")
+        );
+        assert_eq!(v.get("x").and_then(Value::as_array).unwrap().len(), 5);
+    }
+
+    #[test]
+    fn escapes() {
+        assert_eq!(
+            serde_json::from_str::<Value>(r#""a\"b\\c\u00e9\ud83d\ude00\n""#).unwrap(),
+            Value::String("a\"b\\cé😀\n".into())
+        );
     }
 }

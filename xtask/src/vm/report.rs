@@ -3,7 +3,7 @@
 
 use std::fmt::Write as _;
 
-use super::json;
+use serde_json::Value;
 
 #[derive(Debug, Default, Clone)]
 pub struct Binary {
@@ -172,7 +172,9 @@ pub fn parse(console: &str) -> Report {
             });
             b.rc = num(rest, "rc");
             b.skipped = num(rest, "skipped").unwrap_or(0);
-            b.passed = num::<u32>(rest, "passed").unwrap_or(0).saturating_sub(b.skipped);
+            b.passed = num::<u32>(rest, "passed")
+                .unwrap_or(0)
+                .saturating_sub(b.skipped);
             b.failed = num(rest, "failed").unwrap_or(0);
             b.ignored = num(rest, "ignored").unwrap_or(0);
             b.seconds = num(rest, "seconds");
@@ -379,8 +381,8 @@ pub fn agent_error(line: &str) -> Option<String> {
     if !line.contains("\"ztai-agent failed\"") {
         return None;
     }
-    let v = json::parse(line[line.find('{')?..].trim()).ok()?;
-    let e = v.get("error")?.str()?;
+    let v: Value = serde_json::from_str(line[line.find('{')?..].trim()).ok()?;
+    let e = v.get("error")?.as_str()?;
     Some(summarize_agent_error(e))
 }
 
@@ -471,10 +473,8 @@ running 1 test\r
     #[test]
     fn verifier_verdict() {
         let e = "the kernel rejected program p: the BPF_PROG_LOAD syscall returned Invalid argument (os error 22). Verifier output: 0: R1=ctx\\n557: (79) r1 = *(u64 *)(r10 -264)\\n558: (85) call bpf_get_netns_cookie#122\\nunknown func bpf_get_netns_cookie#122\\nverification time 59395 usec\\nstack depth 384+0\\n: Invalid argument (os error 22)";
-        let line = format!(
-            "{{\"error\":{},\"level\":\"error\",\"msg\":\"ztai-agent failed\"}}",
-            json_str(e)
-        );
+        let line = serde_json::json!({"error": e, "level": "error", "msg": "ztai-agent failed"})
+            .to_string();
         let s = agent_error(&line).unwrap();
         assert_eq!(
             s,
@@ -482,15 +482,6 @@ running 1 test\r
              558: (85) call bpf_get_netns_cookie#122 | unknown func bpf_get_netns_cookie#122"
         );
         assert_eq!(summarize_agent_error("plain error"), "plain error");
-    }
-
-    fn json_str(s: &str) -> String {
-        format!(
-            "\"{}\"",
-            s.replace('\\', "\\\\")
-                .replace('"', "\\\"")
-                .replace('\n', "\\n")
-        )
     }
 
     #[test]
