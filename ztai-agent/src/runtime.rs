@@ -216,19 +216,24 @@ impl Labels {
         }
         let seen: std::collections::HashSet<u64> = scanned.iter().map(|c| c.id).collect();
         let gone: Vec<u64> = self.current.keys().filter(|id| !seen.contains(id)).copied().collect();
-        let failed = datapath.set_cgroup_labels(&changed)?;
-        for id in &failed {
-            error!(cgroup_id = *id; "cannot label cgroup (map full?); unlabeled traffic under the attach point now fails closed");
-        }
-        self.failures += failed.len() as u64;
-        for (id, label) in changed.iter().filter(|(id, _)| !failed.contains(id)) {
-            self.current.insert(*id, *label);
-        }
+        // Removed first: the room they free may be what a failed label needs.
         if !gone.is_empty() {
             datapath.remove_cgroup_labels(&gone)?;
             for id in gone {
                 self.current.remove(&id);
             }
+        }
+        let was_incomplete = datapath.labels_incomplete();
+        let failed = datapath.set_cgroup_labels(&changed)?;
+        for id in &failed {
+            error!(cgroup_id = *id; "cannot label cgroup (map full?); unlabeled traffic under the attach point now fails closed");
+        }
+        if was_incomplete && failed.is_empty() {
+            info!("every cgroup is labeled again; unlabeled traffic under the attach point no longer fails closed");
+        }
+        self.failures += failed.len() as u64;
+        for (id, label) in changed.iter().filter(|(id, _)| !failed.contains(id)) {
+            self.current.insert(*id, *label);
         }
         Ok(relabeled)
     }

@@ -47,8 +47,9 @@ pub const REASON_UNKNOWN_FAMILY: u8 = 3;
 pub const REASON_LABELS_INCOMPLETE: u8 = 4;
 /// No policy generation is active yet (agent still starting).
 pub const REASON_NO_POLICY: u8 = 5;
-/// An inbound IPv6 packet whose transport header sits behind extension
-/// headers: its ports cannot be judged, so a labeled receiver drops it.
+/// An inbound packet ztai cannot judge: a protocol no rule can name (not
+/// TCP, UDP or ICMP), or IPv6 whose transport header sits behind extension
+/// headers. A labeled receiver drops it.
 pub const REASON_UNPARSEABLE: u8 = 6;
 /// An established connection no longer allowed after a reload or relabel.
 pub const REASON_REVOKED: u8 = 7;
@@ -82,7 +83,7 @@ pub const CONFIG_FLAG_POLICY_LOADED: u32 = 1 << 1;
 /// means. A restarted agent adopts pinned maps only when they carry its own
 /// version (aya reuses a pinned map by name without comparing it to the
 /// object's definition). Bump it with any change to a type stored in a map.
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 
 /// Single-entry array value with global settings.
 #[repr(C)]
@@ -324,7 +325,11 @@ pub struct Conn {
     pub flow: FlowKey,
     pub epoch: u16,
     pub counted_by: u8,
-    pub _pad: u8,
+    /// 1 from a local initiator's SYN (seen at its egress) until that SYN
+    /// reaches a receiver under the attach point: only then may a SYN at
+    /// ingress follow this entry. Any other SYN finding an entry is a new
+    /// connection reusing an old 4-tuple and is judged afresh.
+    pub opening: u8,
 }
 
 /// Map slot of a generation number.
@@ -404,7 +409,7 @@ mod layout_tests {
     // change here must be deliberate, and bump LAYOUT_VERSION.
     #[test]
     fn sizes_have_no_implicit_padding() {
-        assert_eq!(LAYOUT_VERSION, 1, "layout changed: update the sizes below too");
+        assert_eq!(LAYOUT_VERSION, 2, "layout changed: update the sizes below too");
         assert_eq!(size_of::<Config>(), 24);
         assert_eq!(size_of::<CgroupLabel>(), 8);
         assert_eq!(size_of::<PairKey>(), 12);

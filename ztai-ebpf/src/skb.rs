@@ -16,7 +16,7 @@ use crate::{
     flows::{ORIG, REPLY, add},
     identity::{remote_segment, skb_segment},
     maps::{CONFIG, CONNS, LOCAL_ADDRS, SOCK_FLOWS},
-    verdict::{Verdict, decide, deny_or_audit},
+    verdict::{Verdict, decide, deny_or_audit, unless_labels_incomplete},
 };
 
 const PASS: i32 = 1;
@@ -24,20 +24,28 @@ const DROP: i32 = 0;
 
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
+const IPPROTO_ICMP: u8 = 1;
 const IPPROTO_ICMPV6: u8 = 58;
+const TCP_FLAG_SYN: u8 = 0x02;
+const TCP_FLAG_ACK: u8 = 0x10;
 
 struct Packet {
     /// As the packet travels: saddr is its sender.
     tuple: TupleKey,
     bytes: u64,
     packets: u64,
+    /// A TCP SYN without ACK: a new connection, whatever an older one with
+    /// the same 4-tuple left in `CONNS`.
+    opens: bool,
 }
 
 enum Parsed {
     Packet(Packet),
-    /// Not TCP/UDP (ICMP and the like): nothing to count or judge here.
+    /// ICMP: nothing to count or judge here.
     Other,
-    /// TCP/UDP we cannot read the ports of (IPv6 extension headers).
+    /// Anything else: a protocol no rule can name (SCTP, GRE, …) or TCP/UDP
+    /// whose ports we cannot read (IPv6 extension headers). A labeled
+    /// receiver drops it.
     Unparseable,
 }
 
@@ -74,11 +82,16 @@ fn parse(ctx: &SkBuffContext) -> Parsed {
         return Parsed::Other;
     };
     if proto != PROTO_TCP && proto != PROTO_UDP {
-        return Parsed::Other;
+        return if proto == IPPROTO_ICMP { Parsed::Other } else { Parsed::Unparseable };
     }
     let (Ok(sport), Ok(dport)) = (ctx.load::<u16>(l4), ctx.load::<u16>(l4 + 2)) else {
         return Parsed::Unparseable;
     };
+    let opens = proto == PROTO_TCP
+        && match ctx.load::<u8>(l4 + 13) {
+            Ok(flags) => flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN,
+            Err(_) => return Parsed::Unparseable,
+        };
     // A GSO packet stands for several on the wire.
     let segs = unsafe { core::ptr::read_volatile(&(*skb).gso_segs) };
     Parsed::Packet(Packet {
@@ -92,6 +105,7 @@ fn parse(ctx: &SkBuffContext) -> Parsed {
         },
         bytes: ctx.len() as u64,
         packets: if segs > 1 { segs as u64 } else { 1 },
+        opens,
     })
 }
 
@@ -119,6 +133,11 @@ fn host_netns() -> u64 {
 fn live_policy() -> Option<(u8, u16)> {
     let c = CONFIG.get(0)?;
     (c.flags & CONFIG_FLAG_POLICY_LOADED != 0).then(|| (ztai_common::generation_slot(c.active_gen), c.active_gen as u16))
+}
+
+#[inline(always)]
+fn config_flags() -> u32 {
+    CONFIG.get(0).map(|c| c.flags).unwrap_or(0)
 }
 
 /// Handles a packet of a connection already in `CONNS`: counts it on the
@@ -223,19 +242,42 @@ fn authorized_flow(ctx: &SkBuffContext, peer: &Addr, peer_port: u16) -> Option<F
 /// made at connect/sendmsg; this only counts, on the initiator's side.
 pub fn egress(ctx: &SkBuffContext) -> i32 {
     let Parsed::Packet(p) = parse(ctx) else { return PASS };
-    if let Some(verdict) = follow_known(ctx, &p, Side::Egress) {
-        return verdict;
+    // A SYN is a connection connect() just judged: it replaces whatever an
+    // older connection with the same 4-tuple left (below).
+    if !p.opens {
+        if let Some(verdict) = follow_known(ctx, &p, Side::Egress) {
+            return verdict;
+        }
     }
     // First packet of a connection this socket initiated.
     if let Some(flow) = authorized_flow(ctx, &p.tuple.daddr, p.tuple.dport) {
         let epoch = live_policy().map(|(_, e)| e).unwrap_or(0);
-        let conn = Conn { flow, epoch, counted_by: COUNTED_BY_INITIATOR, _pad: 0 };
+        let conn = Conn { flow, epoch, counted_by: COUNTED_BY_INITIATOR, opening: p.opens as u8 };
         let _ = CONNS.insert(&p.tuple, &conn, 0);
         add(&flow, ORIG, p.packets, p.bytes);
+    } else if p.opens {
+        // Not authorized here (a socket older than the agent): at least no
+        // older connection's entry may speak for it.
+        let _ = CONNS.remove(&p.tuple);
     }
     // Otherwise: a socket older than the agent, or a reply whose connection
     // entry was evicted. Not counted rather than guessed.
     PASS
+}
+
+/// Whether this SYN's entry was made by its initiator's egress for this very
+/// SYN (a local initiator under the attach point); consumes the mark, so a
+/// later SYN reusing the 4-tuple from elsewhere cannot ride on it.
+#[inline(always)]
+fn syn_from_local_initiator(p: &Packet) -> bool {
+    let Some(c) = CONNS.get_ptr_mut(&p.tuple) else { return false };
+    unsafe {
+        if (*c).counted_by == COUNTED_BY_INITIATOR && (*c).opening != 0 {
+            (*c).opening = 0;
+            return true;
+        }
+    }
+    false
 }
 
 /// Segment of a packet's sender seen from the receiver: local addresses are
@@ -260,14 +302,18 @@ pub fn ingress(ctx: &SkBuffContext) -> i32 {
         Parsed::Other => return PASS,
         Parsed::Unparseable => return judge_unparseable(ctx),
     };
-    if let Some(verdict) = follow_known(ctx, &p, Side::Ingress) {
-        return verdict;
+    // A SYN follows an entry only when its own initiator's egress just made
+    // it; else it is a new connection reusing an old 4-tuple, judged below.
+    if !p.opens || syn_from_local_initiator(&p) {
+        if let Some(verdict) = follow_known(ctx, &p, Side::Ingress) {
+            return verdict;
+        }
     }
     // A reply to a connection of ours whose entry was evicted: restore it
     // (judged under the generation its socket's flow was authorized in; the
     // next packet re-judges it if that has changed).
     if let Some(flow) = authorized_flow(ctx, &p.tuple.saddr, p.tuple.sport) {
-        let conn = Conn { flow, epoch: 0, counted_by: COUNTED_BY_INITIATOR, _pad: 0 };
+        let conn = Conn { flow, epoch: 0, counted_by: COUNTED_BY_INITIATOR, opening: 0 };
         let _ = CONNS.insert(&reversed(&p.tuple), &conn, 0);
         add(&flow, REPLY, p.packets, p.bytes);
         return PASS;
@@ -281,7 +327,7 @@ pub fn ingress(ctx: &SkBuffContext) -> i32 {
     let (dst, cgroup_id) = skb_segment(ctx, generation);
     let src = sender_segment(generation, &p.tuple.saddr);
     let v = if loaded {
-        decide(generation, src, dst, p.tuple.proto, p.tuple.dport)
+        unless_labels_incomplete(decide(generation, src, dst, p.tuple.proto, p.tuple.dport), src, dst, config_flags())
     } else {
         Verdict { verdict: VERDICT_DENY, reason: ztai_common::REASON_NO_POLICY }
     };
@@ -306,7 +352,7 @@ pub fn ingress(ctx: &SkBuffContext) -> i32 {
         }
         count(COUNTER_AUDITED);
     }
-    let conn = Conn { flow, epoch, counted_by: COUNTED_BY_RESPONDER, _pad: 0 };
+    let conn = Conn { flow, epoch, counted_by: COUNTED_BY_RESPONDER, opening: 0 };
     let _ = CONNS.insert(&p.tuple, &conn, 0);
     PASS
 }
@@ -329,7 +375,8 @@ fn report_ingress(p: &Packet, src: u32, dst: u32, cgroup_id: u64, verdict: u8, r
     report_without_task(&flow, verdict, reason);
 }
 
-/// TCP/UDP we cannot read: a labeled receiver drops it (fail closed).
+/// A protocol no rule names, or TCP/UDP we cannot read: a labeled receiver
+/// drops it (fail closed).
 #[inline(always)]
 fn judge_unparseable(ctx: &SkBuffContext) -> i32 {
     let generation = live_policy().map(|(slot, _)| slot).unwrap_or(0);
@@ -338,7 +385,7 @@ fn judge_unparseable(ctx: &SkBuffContext) -> i32 {
         return PASS;
     }
     let v = deny_or_audit(generation, SEGMENT_HOST, dst, REASON_UNPARSEABLE);
-    let p = Packet { tuple: TupleKey::default(), bytes: ctx.len() as u64, packets: 1 };
+    let p = Packet { tuple: TupleKey::default(), bytes: ctx.len() as u64, packets: 1, opens: false };
     report_ingress(&p, ztai_common::SEGMENT_WORLD, dst, cgroup_id, v.verdict, v.reason);
     if v.verdict == VERDICT_AUDIT {
         count(COUNTER_AUDITED);

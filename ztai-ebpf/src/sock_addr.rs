@@ -7,10 +7,10 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use ztai_common::{
-    AF_INET, AF_INET6, CONFIG_FLAG_LABELS_INCOMPLETE, CONFIG_FLAG_POLICY_LOADED, COUNTER_ALLOWED,
+    AF_INET, AF_INET6, CONFIG_FLAG_POLICY_LOADED, COUNTER_ALLOWED,
     COUNTER_AUDITED, COUNTER_DENIED, COUNTER_SOCKET_TABLE_FULL, COUNTER_UDP_REPLIES,
     DIRECTION_EGRESS, ExchangeKey, ExchangeValue, FlowKey, HOOK_SENDMSG4, HOOK_SENDMSG6, PROTO_TCP,
-    PROTO_UDP, REASON_LABELS_INCOMPLETE, REASON_NO_POLICY, REASON_SOCKET_TABLE_FULL,
+    PROTO_UDP, REASON_NO_POLICY, REASON_SOCKET_TABLE_FULL,
     REASON_UNKNOWN_FAMILY, SEGMENT_HOST, SEGMENT_WORLD, UDP_EXCHANGE_IDLE_NS,
     VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DENY,
 };
@@ -21,7 +21,7 @@ use crate::{
     identity::{current_segment, destination_segment, read_ip6, socket_key},
     flows::{ORIG, add},
     maps::{CONFIG, SOCK_FLOWS, SOCKET_OWNERS, UDP_EXCHANGES},
-    verdict::{ALLOW, Verdict, decide, deny_or_audit},
+    verdict::{ALLOW, Verdict, decide, deny_or_audit, unless_labels_incomplete},
 };
 
 const PASS: i32 = 1;
@@ -142,17 +142,9 @@ pub fn authorize_egress<const V6: bool>(ctx: &SockAddrContext, hook: u8) -> i32 
 
     let dst = destination_segment(ctx, netns, generation, proto, &daddr, dport);
     flow.dst_segment = dst;
-    let mut v = decide(generation, src, dst, proto, dport);
+    let mut v = unless_labels_incomplete(decide(generation, src, dst, proto, dport), src, dst, config_flags);
 
     if v.verdict == VERDICT_ALLOW
-        && src == SEGMENT_HOST
-        && dst == SEGMENT_HOST
-        && config_flags & CONFIG_FLAG_LABELS_INCOMPLETE != 0
-    {
-        // Some cgroup could not be labeled: a "host" caller may really be a
-        // labeled workload, so host traffic under the attach point is denied.
-        v = Verdict { verdict: VERDICT_DENY, reason: REASON_LABELS_INCOMPLETE };
-    } else if v.verdict == VERDICT_ALLOW
         && src != SEGMENT_HOST
         && (hook == HOOK_SENDMSG4 || hook == HOOK_SENDMSG6)
         && src_port != 0

@@ -1,8 +1,9 @@
 //! Rule lookup: is (src, dst, proto, port) allowed by the active generation?
 use aya_ebpf::maps::lpm_trie::Key;
 use ztai_common::{
-    MAX_SEGMENTS, PAIR_ANY_PORT, PAIR_HAS_PORTS, PAIR_HAS_RANGES, PairKey, PortKey,
-    RANGE_KEY_FIXED_BITS, REASON_NO_RULE, SEGMENT_FLAG_AUDIT, SEGMENT_WORLD, SegmentId,
+    CONFIG_FLAG_LABELS_INCOMPLETE, MAX_SEGMENTS, PAIR_ANY_PORT, PAIR_HAS_PORTS, PAIR_HAS_RANGES, PairKey,
+    PortKey, RANGE_KEY_FIXED_BITS, REASON_LABELS_INCOMPLETE, REASON_NO_RULE, SEGMENT_FLAG_AUDIT, SEGMENT_HOST,
+    SEGMENT_WORLD, SegmentId,
     VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DENY, range_key_data,
 };
 
@@ -63,6 +64,23 @@ pub fn deny_or_audit(generation: u8, src: SegmentId, dst: SegmentId, reason: u8)
     } else {
         Verdict { verdict: VERDICT_DENY, reason }
     }
+}
+
+/// While some cgroup could not be labeled (`CONFIG_FLAG_LABELS_INCOMPLETE`),
+/// a `host` end under the attach point may be a labeled workload passing as
+/// unlabeled: host-to-host traffic there is denied. Host to world stays open
+/// (denying it would cut every unlabeled process off the network, the node's
+/// own daemons included); labeled destinations still need a rule naming host.
+#[inline(always)]
+pub fn unless_labels_incomplete(v: Verdict, src: SegmentId, dst: SegmentId, config_flags: u32) -> Verdict {
+    if v.verdict == VERDICT_ALLOW
+        && src == SEGMENT_HOST
+        && dst == SEGMENT_HOST
+        && config_flags & CONFIG_FLAG_LABELS_INCOMPLETE != 0
+    {
+        return Verdict { verdict: VERDICT_DENY, reason: REASON_LABELS_INCOMPLETE };
+    }
+    v
 }
 
 #[inline(always)]

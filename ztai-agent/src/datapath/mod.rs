@@ -304,7 +304,9 @@ impl Datapath {
 
     /// Labels cgroups; returns the ids that could not be written. Any failure
     /// sets the kernel's fail-closed flag for unlabeled traffic, since one of
-    /// those cgroups may be a labeled workload passing as `host`.
+    /// those cgroups may be a labeled workload passing as `host`; a call
+    /// without failures clears it. Callers pass every cgroup still unlabeled
+    /// (failed ones are retried), so no failure means none is left.
     pub fn set_cgroup_labels(&mut self, labels: &[(u64, CgroupLabel)]) -> Result<Vec<u64>, DatapathError> {
         let mut failed = Vec::new();
         {
@@ -316,11 +318,17 @@ impl Datapath {
                 }
             }
         }
-        if !failed.is_empty() && self.config.flags & CONFIG_FLAG_LABELS_INCOMPLETE == 0 {
-            self.config.flags |= CONFIG_FLAG_LABELS_INCOMPLETE;
+        if failed.is_empty() != !self.labels_incomplete() {
+            self.config.flags ^= CONFIG_FLAG_LABELS_INCOMPLETE;
             self.write_config()?;
         }
         Ok(failed)
+    }
+
+    /// Whether the kernel currently fails closed for unlabeled traffic
+    /// because some cgroup could not be labeled.
+    pub fn labels_incomplete(&self) -> bool {
+        self.config.flags & CONFIG_FLAG_LABELS_INCOMPLETE != 0
     }
 
     pub fn remove_cgroup_labels(&mut self, ids: &[u64]) -> Result<(), DatapathError> {
@@ -428,7 +436,7 @@ impl Datapath {
                 },
                 epoch: generation.wrapping_sub(1) as u16,
                 counted_by,
-                _pad: 0,
+                opening: 0,
             };
             match map.insert(key, conn, BPF_NOEXIST) {
                 Ok(()) => seeded += 1,

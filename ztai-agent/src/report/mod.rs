@@ -122,7 +122,7 @@ pub fn reason_text(ev: &ViolationEvent, names: &dyn Names) -> String {
             ev.dst_port
         ),
         ztai_common::REASON_UNPARSEABLE => format!(
-            "inbound IPv6 packet to {dst} carries extension headers ztai cannot read past, so it is dropped"
+            "inbound packet to {dst} is neither TCP, UDP nor ICMP, or is IPv6 with extension headers ztai cannot read past, so it is dropped"
         ),
         other => format!("denied (reason code {other})"),
     }
