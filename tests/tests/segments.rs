@@ -1,12 +1,14 @@
 //! How the destination's and the source's segments are decided on one host: by the cgroup owning
 //! the listening/bound socket, unlabeled listeners are `host`, nested cgroups inherit.
 //!
-//! Fixed policy ports of this file: 27460, 27470, 27480, 27490-27491, 27495, 27496 (unique across
+//! Fixed policy ports of this file: 27460, 27470, 27480, 27490-27491, 27495-27497 (unique across
 //! the suite).
 
 use std::time::Duration;
 
-use ztai_tests::{Agent, Denial, Policy, ProbeCmd, TestCgroup, require_agent, try_wait_until};
+use ztai_tests::{
+    Agent, DEFAULT_TIMEOUT, Denial, Policy, ProbeCmd, TestCgroup, require_agent, try_wait_until,
+};
 
 #[test]
 fn two_loopback_servers_in_different_segments_get_different_verdicts_for_the_same_client() {
@@ -386,6 +388,47 @@ fn listeners_started_before_the_agent_are_judged_by_the_segment_of_their_cgroup(
             src_segment: "orchestrator",
             dst_segment: "retrieval",
             dst_addr: "::1",
+            dst_port: PORT,
+        },
+    );
+}
+
+/// A listener bound before the agent in a cgroup the first policy leaves unlabeled is recorded
+/// all the same, so a reload that labels its cgroup judges connections to it by that segment.
+#[test]
+fn a_listener_older_than_the_agent_in_an_unlabeled_cgroup_takes_the_segment_a_reload_gives_it() {
+    require_agent!();
+    const PORT: u16 = 27497;
+    let cg = TestCgroup::new();
+    let misc = cg.child("misc");
+    let later = cg.child("later");
+    let server = ProbeCmd::tcp_listen(format!("127.0.0.1:{PORT}"))
+        .in_cgroup(&later)
+        .spawn();
+    server.wait_listening();
+    let v1 = Policy::enforce(&cg).cgroups("orchestrator", &["orch"]);
+    let agent = Agent::start_ready(&v1, &cg);
+    // Unlabeled to unlabeled: host to host.
+    ProbeCmd::tcp_connect(format!("127.0.0.1:{PORT}"))
+        .in_cgroup(&misc)
+        .run()
+        .assert_ok();
+
+    let v2 = Policy::enforce(&cg)
+        .cgroups("orchestrator", &["orch"])
+        .cgroups("retrieval", &["later"]);
+    agent.replace_policy(&v2.to_yaml());
+    agent.wait_policy_applied(2, DEFAULT_TIMEOUT);
+    let out = ProbeCmd::tcp_connect(format!("127.0.0.1:{PORT}"))
+        .in_cgroup(&misc)
+        .run();
+    agent.expect_denied(
+        &out,
+        &Denial {
+            proto: "tcp",
+            src_segment: "host",
+            dst_segment: "retrieval",
+            dst_addr: "127.0.0.1",
             dst_port: PORT,
         },
     );

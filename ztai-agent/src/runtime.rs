@@ -556,7 +556,7 @@ pub async fn run(config: RunConfig) -> Result<(), RuntimeError> {
         info!(adopted_generation = g as u64, generation = enforcer.generation as u64, released_links = released as u64; "adopted pinned state of a previous agent");
     }
     let scanned = enforcer.scan()?;
-    let existing = sockets::bound_sockets_of_labeled(&cgroup_root.mount, &scanned);
+    let existing = sockets::bound_sockets(&cgroup_root.mount, &scanned);
     let recorded = enforcer.datapath.record_existing_sockets(netns_cookie, &existing)?;
     // Connections older than our programs are held to the policy too.
     let established = sockets::established_tcp(&cgroup_root.mount, &scanned);

@@ -53,8 +53,10 @@ fn own_netns_inode() -> Option<u64> {
 }
 
 /// Listening TCP and bound UDP sockets in this network namespace that belong
-/// to processes of labeled cgroups. Processes that exit mid-scan are skipped.
-pub fn bound_sockets_of_labeled(mount: &Path, cgroups: &[LabeledCgroup]) -> Vec<BoundSocket> {
+/// to processes of the scanned cgroups, labeled or not: the kernel records
+/// unlabeled owners too, so a later policy that labels their cgroup applies
+/// to listeners older than the agent. Processes that exit mid-scan are skipped.
+pub fn bound_sockets(mount: &Path, cgroups: &[LabeledCgroup]) -> Vec<BoundSocket> {
     // inode → (proto, family, local addr)
     let mut table: HashMap<u64, (u8, u16, SocketAddr)> = HashMap::new();
     let listen = procfs::net::TcpState::Listen;
@@ -74,7 +76,7 @@ pub fn bound_sockets_of_labeled(mount: &Path, cgroups: &[LabeledCgroup]) -> Vec<
     }
     let netns = own_netns_inode();
     let mut out = Vec::new();
-    for cg in cgroups.iter().filter(|c| c.segment != ztai_common::SEGMENT_HOST) {
+    for cg in cgroups {
         for pid in pids_of(mount, &cg.rel_path) {
             let Ok(proc) = Process::new(pid) else { continue };
             let same_netns = std::fs::metadata(format!("/proc/{pid}/ns/net")).ok().map(|m| m.ino()) == netns;
