@@ -144,6 +144,19 @@ impl Agent {
     /// Starts the agent with verbatim policy YAML.
     #[track_caller]
     pub fn start_yaml(yaml: &str, root: &Cgroup) -> Agent {
+        Agent::spawn(yaml, root, &[])
+    }
+
+    /// Like [`Agent::start`], but run through `wrapper`, e.g.
+    /// `["setpriv", "--bounding-set", "-sys_ptrace", "--"]`. The wrapper must exec its
+    /// arguments (not fork them), so the pid stays the agent's and SIGTERM reaches it.
+    #[track_caller]
+    pub fn start_wrapped(policy: &Policy, root: &Cgroup, wrapper: &[&str]) -> Agent {
+        Agent::spawn(&policy.to_yaml(), root, wrapper)
+    }
+
+    #[track_caller]
+    fn spawn(yaml: &str, root: &Cgroup, wrapper: &[&str]) -> Agent {
         let cgroup_root = root.path();
         assert!(
             cgroup_root != cgroup2_mount() && cgroup_root.starts_with(cgroup2_mount()),
@@ -158,7 +171,15 @@ impl Agent {
         let pin_dir = PathBuf::from("/sys/fs/bpf").join(
             control_dir.path().file_name().expect("temp dir has a name"),
         );
-        let mut child = Command::new(&bin)
+        let mut command = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(&bin);
+                c
+            }
+            None => Command::new(&bin),
+        };
+        let mut child = command
             .arg("run")
             .arg("--policy")
             .arg(policy.path())
@@ -179,7 +200,10 @@ impl Agent {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
+            .unwrap_or_else(|e| {
+                let wrapper: String = wrapper.iter().map(|w| format!("{w} ")).collect();
+                panic!("cannot start {wrapper}{}: {e}", bin.display())
+            });
         let stdout = LineLog::capture(child.stdout.take().expect("piped stdout"));
         let stderr = LineLog::capture(child.stderr.take().expect("piped stderr"));
         Agent {

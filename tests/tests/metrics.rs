@@ -132,6 +132,7 @@ fn metrics_are_valid_openmetrics_that_count_the_known_traffic_and_health_and_rea
         ("ztai_flow_table_evictions", "counter", ""),
         ("ztai_labeled_cgroups", "gauge", ""),
         ("ztai_policy_generation", "gauge", ""),
+        ("ztai_capability_missing", "gauge", ""),
         ("ztai_build", "info", ""),
     ] {
         let f = family(&families, name);

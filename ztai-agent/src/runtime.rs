@@ -20,6 +20,7 @@ use crate::{
     flows::{Snapshot, Totals, records},
     metrics::{self, MetricsError, MetricsState},
     discovery::{
+        capabilities::{self, Capabilities, CapabilityError, Cost},
         cgroup_watch::CgroupWatcher,
         cgroups::{self, CgroupError, CgroupRoot, LabeledCgroup},
         local_addrs::{self, AddressEvents},
@@ -64,6 +65,8 @@ pub enum RuntimeError {
     #[error(transparent)]
     Kernel(#[from] crate::discovery::kernel::KernelError),
     #[error(transparent)]
+    Capability(#[from] CapabilityError),
+    #[error(transparent)]
     Control(#[from] crate::control::ControlError),
     #[error("{what}")]
     Io { what: String, #[source] source: std::io::Error },
@@ -94,6 +97,23 @@ fn ensure_bpffs() -> Result<(), RuntimeError> {
     }
     info!(path = "/sys/fs/bpf"; "mounted bpffs");
     Ok(())
+}
+
+/// Warns once for each capability whose absence makes the agent see less
+/// (it still enforces, so nothing else would tell), and returns every such
+/// capability with whether it is missing, for the metric.
+fn report_missing_capabilities(held: &Capabilities) -> Vec<(&'static str, bool)> {
+    capabilities::NEEDED
+        .iter()
+        .filter(|need| need.cost == Cost::SeesLess)
+        .map(|need| {
+            let missing = !held.has(need);
+            if missing {
+                warn!(capability = need.name, consequence = need.consequence; "capability missing: enforcing, but not seeing every workload");
+            }
+            (need.name, missing)
+        })
+        .collect()
 }
 
 fn register<T: std::os::fd::AsRawFd>(inner: T, what: &str) -> Result<AsyncFd<T>, RuntimeError> {
@@ -518,8 +538,13 @@ pub async fn run(config: RunConfig) -> Result<(), RuntimeError> {
         warn!(release = release, oldest_tested = format!("{major}.{minor}");
             "this kernel has every feature ztai needs but is older than any kernel its test suite runs on");
     }
+    // Without the capabilities it loads with, the kernel would refuse the
+    // programs with EPERM or a verifier log: name them before touching it.
+    let held = Capabilities::own()?;
+    held.require_loadable()?;
     // Bind first: a busy port fails before the kernel is touched.
     let metrics_state = MetricsState::new();
+    metrics_state.set_capabilities(report_missing_capabilities(&held));
     let (metrics_stop, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
     let mut metrics_bound = None;
     if let Some(addr) = services.metrics_addr {

@@ -1,5 +1,7 @@
 //! What exists on the node: the cgroup2 mount and its cgroups, this host's
-//! addresses, and sockets that were bound before the agent started.
+//! addresses, sockets that were bound before the agent started, and what the
+//! agent itself is allowed to see of them.
+pub mod capabilities;
 pub mod cgroup_watch;
 pub mod cgroups;
 pub mod kernel;

@@ -51,8 +51,13 @@ pub struct MetricsState {
 struct Shared {
     registry: Registry,
     accounts: Arc<Mutex<Accounts>>,
+    capabilities: Arc<Mutex<CapabilityStates>>,
     ready: AtomicBool,
 }
+
+/// Capabilities whose absence only makes the agent see less, by name, with
+/// whether each is missing. Set once at start.
+type CapabilityStates = Vec<(&'static str, bool)>;
 
 impl Default for MetricsState {
     fn default() -> Self {
@@ -63,9 +68,16 @@ impl Default for MetricsState {
 impl MetricsState {
     pub fn new() -> Self {
         let accounts = Arc::new(Mutex::new(Accounts::default()));
+        let capabilities = Arc::new(Mutex::new(CapabilityStates::new()));
         let mut registry = Registry::default();
-        registry.register_collector(Box::new(StateCollector { accounts: accounts.clone() }));
-        Self { shared: Arc::new(Shared { registry, accounts, ready: AtomicBool::new(false) }) }
+        registry.register_collector(Box::new(StateCollector { accounts: accounts.clone(), capabilities: capabilities.clone() }));
+        Self { shared: Arc::new(Shared { registry, accounts, capabilities, ready: AtomicBool::new(false) }) }
+    }
+
+    /// Which capabilities the agent lacks (`true`) or holds, by name: one
+    /// `ztai_capability_missing` series each, so an alert can key on `== 1`.
+    pub fn set_capabilities(&self, missing_by_name: Vec<(&'static str, bool)>) {
+        *lock(&self.shared.capabilities) = missing_by_name;
     }
 
     /// Folds one poll of the kernel into the cumulative counters.
@@ -92,7 +104,7 @@ impl MetricsState {
 
 /// A panic elsewhere while holding the lock leaves counters that are at worst
 /// one update stale; serving them beats failing every later scrape.
-fn lock(m: &Mutex<Accounts>) -> MutexGuard<'_, Accounts> {
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
@@ -101,6 +113,7 @@ fn lock(m: &Mutex<Accounts>) -> MutexGuard<'_, Accounts> {
 #[derive(Debug)]
 struct StateCollector {
     accounts: Arc<Mutex<Accounts>>,
+    capabilities: Arc<Mutex<CapabilityStates>>,
 }
 
 const FLOW_LABELS: [&str; 6] = ["src_segment", "dst_segment", "proto", "port", "direction", "verdict"];
@@ -167,6 +180,16 @@ impl Collector for StateCollector {
         for (name, help, v) in gauges {
             let m = ConstGauge::new(i64::try_from(v).unwrap_or(i64::MAX));
             m.encode(encoder.encode_descriptor(name, help, None, m.metric_type())?)?;
+        }
+
+        let mut capabilities = encoder.encode_descriptor(
+            "ztai_capability_missing",
+            "1 for a capability the agent lacks, 0 for one it holds: without it the agent enforces but misses what it lets it see (deploy/README.md).",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (name, missing) in lock(&self.capabilities).iter() {
+            ConstGauge::new(i64::from(*missing)).encode(capabilities.encode_family(&[("capability", *name)])?)?;
         }
 
         let build = Info::new([("version", env!("CARGO_PKG_VERSION"))]);

@@ -194,6 +194,19 @@ fn empty_state_is_valid_openmetrics() {
     assert_eq!(value(&s, "ztai_policy_generation", &[]), 0.0);
 }
 
+#[test]
+fn missing_capabilities_are_one_gauge_series_each() {
+    let state = MetricsState::new();
+    let s = parse_openmetrics(&state.encode().expect("encode"));
+    assert!(find(&s, "ztai_capability_missing", &[("capability", "CAP_SYS_PTRACE")]).is_none(), "nothing before the check ran");
+    state.set_capabilities(vec![("CAP_SYS_ADMIN", false), ("CAP_SYS_PTRACE", true), ("CAP_DAC_READ_SEARCH", true)]);
+    let s = parse_openmetrics(&state.encode().expect("encode"));
+    let missing = |cap| find(&s, "ztai_capability_missing", &[("capability", cap)]).expect("a series per capability");
+    assert_eq!((missing("CAP_SYS_ADMIN").kind.as_str(), missing("CAP_SYS_ADMIN").value), ("gauge", 0.0));
+    assert_eq!(missing("CAP_SYS_PTRACE").value, 1.0);
+    assert_eq!(missing("CAP_DAC_READ_SEARCH").value, 1.0);
+}
+
 struct Reply {
     status: u16,
     headers: Vec<(String, String)>,
