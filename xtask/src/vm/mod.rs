@@ -344,6 +344,10 @@ fn common_tree(built: &Built, scratch: &Path) -> anyhow::Result<(Tree, Vec<Strin
         .find(|p| p.is_file())
         .context("iproute2's ip is missing (Debian: apt-get install iproute2)")?;
     t.program("/usr/sbin/ip", &ip, false)?;
+    // util-linux's setpriv (ahead of busybox's on PATH): the capabilities tests
+    // drop capabilities with --bounding-set, which busybox's setpriv lacks.
+    let setpriv = which("setpriv").context("util-linux's setpriv is missing (Debian: apt-get install util-linux)")?;
+    t.program("/usr/bin/setpriv", &setpriv, false)?;
     // bpftool only appears in failure messages; take it when there is one.
     if let Some(bpftool) = which("bpftool")
         .or_else(|| Some(PathBuf::from("/usr/sbin/bpftool")).filter(|p| p.is_file()))
