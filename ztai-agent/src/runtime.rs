@@ -288,7 +288,6 @@ struct Enforcer {
     names: NameTable,
     node: NodeAddresses,
     reload_errors: u64,
-    ingress_fold: report::fold::IngressFolder,
 }
 
 fn slot_of(generation: u32) -> u8 {
@@ -323,7 +322,6 @@ impl Enforcer {
             names: NameTable::default(),
             node: NodeAddresses { netns_cookie, host, workloads: Vec::new() },
             reload_errors: 0,
-            ingress_fold: report::fold::IngressFolder::new(),
         };
         e.datapath.set_host_netns(netns_cookie)?;
         if adopted.is_some() {
@@ -375,7 +373,6 @@ impl Enforcer {
     /// The periodic pass: relabel, workload addresses, retire the previous
     /// generation's entries.
     fn tick(&mut self) -> Result<(), RuntimeError> {
-        self.ingress_fold.expire(report::monotonic_ns());
         if let Some(slot) = self.retiring.take() {
             self.datapath.retire_slot(slot)?;
         }
@@ -500,7 +497,7 @@ impl Enforcer {
                 reload_errors: self.reload_errors,
                 label_failures: self.labels.failures,
                 revoked_packets: counter(ztai_common::COUNTER_REVOKED),
-                reports_folded: self.ingress_fold.folded_total(),
+                reports_folded: counter(ztai_common::COUNTER_REPORTS_FOLDED),
             },
             flows: records(&self.policy, &flows),
             ready: true,
@@ -668,14 +665,7 @@ pub async fn run(config: RunConfig) -> Result<(), RuntimeError> {
                                 enforcer.names = names_for(&enforcer.ids, &fresh);
                             }
                         }
-                        let report::fold::Fold::Print { folded } = enforcer.ingress_fold.observe(&ev) else {
-                            continue;
-                        };
-                        let mut line = report::render(&ev, &enforcer.names);
-                        if folded > 0 {
-                            line["folded"] = folded.into();
-                        }
-                        write_report_line(&line.to_string());
+                        write_report_line(&report::render(&ev, &enforcer.names).to_string());
                     }
                 }
                 guard.clear_ready();

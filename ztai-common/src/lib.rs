@@ -279,6 +279,9 @@ pub const COUNTER_INGRESS_DROPPED: u32 = 7;
 /// Packets of established connections dropped because a reload or a
 /// relabel revoked them.
 pub const COUNTER_REVOKED: u32 = 8;
+/// Ingress drops not reported because they repeated their flow's report
+/// within [`INGRESS_FOLD_WINDOW_NS`].
+pub const COUNTER_REPORTS_FOLDED: u32 = 9;
 pub const COUNTERS_LEN: u32 = 12;
 
 /// A connection in initiator orientation: `s*` is the side that sent first.
@@ -372,8 +375,27 @@ pub struct ViolationEvent {
     pub verdict: u8,
     pub reason: u8,
     pub hook: u8,
-    pub _pad: [u8; 7],
+    pub _pad: [u8; 3],
+    /// Ingress: identical drops of this flow folded (not reported) since its
+    /// previous event.
+    pub folded: u32,
     pub comm: [u8; 16],
+}
+
+/// A dropped inbound flow (same addresses, ports and protocol) is reported
+/// at most once per window: a dropped SYN returns as retransmissions and a
+/// blocked UDP sender keeps sending, one verdict per packet.
+pub const INGRESS_FOLD_WINDOW_NS: u64 = 60_000_000_000;
+
+/// Value of `maps::INGRESS_REPORTS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IngressReport {
+    /// `bpf_ktime_get_ns` of the flow's last reported drop.
+    pub reported_ns: u64,
+    /// Drops folded since then.
+    pub folded: u32,
+    pub _pad: u32,
 }
 
 #[cfg(feature = "user")]
@@ -398,6 +420,7 @@ mod pod {
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for Conn {}
     unsafe impl aya::Pod for FlowCounters {}
+    unsafe impl aya::Pod for IngressReport {}
 }
 
 #[cfg(test)]
@@ -423,7 +446,8 @@ mod layout_tests {
         assert_eq!(size_of::<FlowKey>(), 28);
         assert_eq!(size_of::<Conn>(), 32);
         assert_eq!(size_of::<FlowCounters>(), 32);
-        assert_eq!(size_of::<ViolationEvent>(), 8 * 5 + 4 * 2 + 16 * 2 + 2 * 2 + 5 + 7 + 16);
+        assert_eq!(size_of::<IngressReport>(), 16);
+        assert_eq!(size_of::<ViolationEvent>(), 8 * 5 + 4 * 2 + 16 * 2 + 2 * 2 + 5 + 3 + 4 + 16);
     }
 
     #[test]

@@ -23,6 +23,7 @@ macro_rules! map_name {
     (FLOWS) => { "ZTAI_FLOWS" };
     (WORKLOAD_ADDRS) => { "ZTAI_WORKLOAD_ADDRS" };
     (EVENTS) => { "ZTAI_EVENTS" };
+    (INGRESS_REPORTS) => { "ZTAI_INGRESS_REPORTS" };
 }
 
 pub const CONFIG: &str = map_name!(CONFIG);
@@ -48,11 +49,15 @@ pub const FLOWS: &str = map_name!(FLOWS);
 /// Addresses of labeled workloads living in their own network namespaces.
 pub const WORKLOAD_ADDRS: &str = map_name!(WORKLOAD_ADDRS);
 pub const EVENTS: &str = map_name!(EVENTS);
+/// Last report of each dropped inbound flow (LRU), so repeated drops of one
+/// flow fold into one event per window instead of filling the ring buffer.
+pub const INGRESS_REPORTS: &str = map_name!(INGRESS_REPORTS);
 
 /// Every map the agent expects in the object file.
 pub const ALL: &[&str] = &[
     CONFIG, CGROUP_LABELS, SEGMENT_FLAGS, RULE_PAIRS, RULE_PORTS, RULE_RANGES, CIDRS,
     SOCKET_OWNERS, SOCKET_KEYS, LOCAL_ADDRS, UDP_EXCHANGES, COUNTERS, EVENTS, CONNS, SOCK_FLOWS, FLOWS, WORKLOAD_ADDRS,
+    INGRESS_REPORTS,
 ];
 
 pub const CGROUP_LABELS_MAX: u32 = 65_536;
@@ -68,6 +73,7 @@ pub const CONNS_MAX: u32 = 262_144;
 pub const SOCK_FLOWS_MAX: u32 = 131_072;
 pub const FLOWS_MAX: u32 = 65_536;
 pub const WORKLOAD_ADDRS_MAX: u32 = 16_384;
+pub const INGRESS_REPORTS_MAX: u32 = 16_384;
 /// Ring buffer size in bytes (power of two, multiple of the page size).
 pub const EVENTS_BYTES: u32 = 1 << 22;
 /// How many cgroup levels the kernel climbs to find an unlabeled cgroup's segment.

@@ -4,9 +4,12 @@ use aya_ebpf::helpers::{
     bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
     generated::bpf_ktime_get_ns,
 };
-use ztai_common::{COUNTER_EVENTS_DROPPED, SegmentId, ViolationEvent};
+use ztai_common::{
+    COUNTER_EVENTS_DROPPED, COUNTER_REPORTS_FOLDED, INGRESS_FOLD_WINDOW_NS, IngressReport, SegmentId, TupleKey,
+    ViolationEvent,
+};
 
-use crate::{addr::Addr, maps::{COUNTERS, EVENTS}};
+use crate::{addr::Addr, maps::{COUNTERS, EVENTS, INGRESS_REPORTS}};
 
 #[inline(always)]
 pub fn count(index: u32) {
@@ -33,18 +36,46 @@ pub struct Flow {
 #[inline(always)]
 pub fn report(flow: &Flow, verdict: u8, reason: u8) {
     let comm = bpf_get_current_comm().unwrap_or([0u8; 16]);
-    emit(flow, verdict, reason, bpf_get_current_pid_tgid(), bpf_get_current_uid_gid(), comm);
+    emit(flow, verdict, reason, bpf_get_current_pid_tgid(), bpf_get_current_uid_gid(), comm, 0);
 }
 
 /// An event from packet context (softirq): the current task is whatever ran
 /// when the packet arrived, so no task is named.
 #[inline(always)]
 pub fn report_without_task(flow: &Flow, verdict: u8, reason: u8) {
-    emit(flow, verdict, reason, 0, 0, [0u8; 16]);
+    emit(flow, verdict, reason, 0, 0, [0u8; 16], 0);
+}
+
+/// A drop at the receiver, folded per flow: reported unless the same flow
+/// was reported less than `INGRESS_FOLD_WINDOW_NS` ago, in which case it is
+/// counted; the next report of the flow carries how many were folded. Folded
+/// here, not in the agent, so a flood of one flow cannot fill the ring buffer
+/// and crowd out other reports.
+#[inline(always)]
+pub fn report_ingress_drop(tuple: &TupleKey, flow: &Flow, verdict: u8, reason: u8) {
+    let now = unsafe { bpf_ktime_get_ns() };
+    let mut folded = 0;
+    match INGRESS_REPORTS.get_ptr_mut(tuple) {
+        Some(r) => unsafe {
+            if now.wrapping_sub((*r).reported_ns) < INGRESS_FOLD_WINDOW_NS {
+                (*r).folded = (*r).folded.saturating_add(1);
+                count(COUNTER_REPORTS_FOLDED);
+                return;
+            }
+            folded = (*r).folded;
+            (*r).reported_ns = now;
+            (*r).folded = 0;
+        },
+        None => {
+            // LRU: a full table forgets the stalest flow, never blocks a report.
+            let _ = INGRESS_REPORTS.insert(tuple, &IngressReport { reported_ns: now, folded: 0, _pad: 0 }, 0);
+        }
+    }
+    emit(flow, verdict, reason, 0, 0, [0u8; 16], folded);
 }
 
 #[inline(always)]
-fn emit(flow: &Flow, verdict: u8, reason: u8, pid_tgid: u64, uid_gid: u64, comm: [u8; 16]) {
+fn emit(flow: &Flow, verdict: u8, reason: u8, pid_tgid: u64, uid_gid: u64, comm: [u8; 16], folded: u32) {
     let Some(mut entry) = EVENTS.reserve::<ViolationEvent>(0) else {
         count(COUNTER_EVENTS_DROPPED);
         return;
@@ -66,7 +97,8 @@ fn emit(flow: &Flow, verdict: u8, reason: u8, pid_tgid: u64, uid_gid: u64, comm:
         verdict,
         reason,
         hook: flow.hook,
-        _pad: [0; 7],
+        _pad: [0; 3],
+        folded,
         comm,
     });
     entry.submit(0);

@@ -2,7 +2,8 @@
 //! the agent also uses.
 use aya_ebpf::maps::{Array, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray, RingBuf};
 use ztai_common::{
-    CIDR_KEY_BYTES, CgroupLabel, Config, Conn, FlowCounters, FlowKey, TupleKey, ExchangeKey, ExchangeValue, GENERATIONS, LocalAddrKey,
+    CIDR_KEY_BYTES, CgroupLabel, Config, Conn, FlowCounters, FlowKey, TupleKey, ExchangeKey, ExchangeValue, GENERATIONS,
+    IngressReport, LocalAddrKey,
     MAX_SEGMENTS, PairKey, PairValue, PortKey, RANGE_KEY_BYTES, RuleRef, SegmentRef, SocketKey,
     SocketOwner, map_name, maps as m,
 };
@@ -32,3 +33,4 @@ bpf_map!(CONNS: LruHashMap<TupleKey, Conn> = LruHashMap::with_max_entries(m::CON
 bpf_map!(SOCK_FLOWS: LruHashMap<u64, FlowKey> = LruHashMap::with_max_entries(m::SOCK_FLOWS_MAX, 0));
 bpf_map!(FLOWS: LruPerCpuHashMap<FlowKey, FlowCounters> = LruPerCpuHashMap::with_max_entries(m::FLOWS_MAX, 0));
 bpf_map!(WORKLOAD_ADDRS: HashMap<[u32; 4], CgroupLabel> = HashMap::with_max_entries(m::WORKLOAD_ADDRS_MAX, 0));
+bpf_map!(INGRESS_REPORTS: LruHashMap<TupleKey, IngressReport> = LruHashMap::with_max_entries(m::INGRESS_REPORTS_MAX, 0));

@@ -12,7 +12,7 @@ use ztai_common::{
 
 use crate::{
     addr::{Addr, is_always_local, v4_mapped},
-    events::{Flow, count, report_without_task},
+    events::{Flow, count, report_ingress_drop, report_without_task},
     flows::{ORIG, REPLY, add},
     identity::{remote_segment, skb_segment},
     maps::{CONFIG, CONNS, LOCAL_ADDRS, SOCK_FLOWS},
@@ -343,7 +343,7 @@ pub fn ingress(ctx: &SkBuffContext) -> i32 {
     if v.verdict == VERDICT_ALLOW {
         count(COUNTER_ALLOWED);
     } else {
-        report_ingress(&p, src, dst, cgroup_id, v.verdict, v.reason);
+        report_ingress(&p, src, dst, cgroup_id, v.verdict, v.reason, true);
         if v.verdict == VERDICT_DENY {
             count(COUNTER_DENIED);
             count(COUNTER_INGRESS_DROPPED);
@@ -357,8 +357,10 @@ pub fn ingress(ctx: &SkBuffContext) -> i32 {
     PASS
 }
 
+/// `fold`: per flow (see `report_ingress_drop`); off where the packet's
+/// addresses and ports are unknown, so distinct senders never fold together.
 #[inline(always)]
-fn report_ingress(p: &Packet, src: u32, dst: u32, cgroup_id: u64, verdict: u8, reason: u8) {
+fn report_ingress(p: &Packet, src: u32, dst: u32, cgroup_id: u64, verdict: u8, reason: u8, fold: bool) {
     let flow = Flow {
         cgroup_id,
         sock_cookie: 0,
@@ -372,7 +374,11 @@ fn report_ingress(p: &Packet, src: u32, dst: u32, cgroup_id: u64, verdict: u8, r
         direction: DIRECTION_INGRESS,
         hook: HOOK_SKB_INGRESS,
     };
-    report_without_task(&flow, verdict, reason);
+    if fold {
+        report_ingress_drop(&p.tuple, &flow, verdict, reason);
+    } else {
+        report_without_task(&flow, verdict, reason);
+    }
 }
 
 /// A protocol no rule names, or TCP/UDP we cannot read: a labeled receiver
@@ -386,7 +392,7 @@ fn judge_unparseable(ctx: &SkBuffContext) -> i32 {
     }
     let v = deny_or_audit(generation, SEGMENT_HOST, dst, REASON_UNPARSEABLE);
     let p = Packet { tuple: TupleKey::default(), bytes: ctx.len() as u64, packets: 1, opens: false };
-    report_ingress(&p, ztai_common::SEGMENT_WORLD, dst, cgroup_id, v.verdict, v.reason);
+    report_ingress(&p, ztai_common::SEGMENT_WORLD, dst, cgroup_id, v.verdict, v.reason, false);
     if v.verdict == VERDICT_AUDIT {
         count(COUNTER_AUDITED);
         return PASS;

@@ -54,8 +54,8 @@ pub struct Totals {
     /// Cgroups the label map refused (full).
     #[serde(default)]
     pub label_failures: u64,
-    /// Ingress drops not printed because they repeated a flow's line within
-    /// its window (`report::fold`).
+    /// Ingress drops not reported because they repeated their flow's report
+    /// within a minute (folded in the kernel).
     #[serde(default)]
     pub reports_folded: u64,
 }

@@ -1,7 +1,4 @@
-//! Kernel violation events → one JSON line each on stdout (repeated ingress
-//! drops of one flow folded, see `fold`).
-pub mod fold;
-
+//! Kernel violation events → one JSON line each on stdout.
 use std::{collections::HashMap, net::IpAddr};
 
 use chrono::{DateTime, SecondsFormat, Utc};
@@ -24,11 +21,6 @@ fn clock_ns(clock: libc::clockid_t) -> i128 {
     // SAFETY: ts is valid storage; both clocks always exist on Linux.
     unsafe { libc::clock_gettime(clock, &mut ts) };
     ts.tv_sec as i128 * 1_000_000_000 + ts.tv_nsec as i128
-}
-
-/// Now, on the clock of `bpf_ktime_get_ns` (CLOCK_MONOTONIC).
-pub fn monotonic_ns() -> u64 {
-    u64::try_from(clock_ns(libc::CLOCK_MONOTONIC)).unwrap_or(0)
 }
 
 /// Wall-clock time of a `bpf_ktime_get_ns` (CLOCK_MONOTONIC) stamp.
@@ -139,7 +131,7 @@ pub fn render(ev: &ViolationEvent, names: &dyn Names) -> Value {
     if ev.direction == DIRECTION_INGRESS {
         // Packet context: the sender is an address, the receiver our cgroup;
         // no task is known (the kernel was in softirq).
-        return json!({
+        let mut line = json!({
             "ts": wall_time_of(ev.ts_ns),
             "verdict": verdict,
             "direction": direction,
@@ -163,6 +155,10 @@ pub fn render(ev: &ViolationEvent, names: &dyn Names) -> Value {
             "reason": reason_text(ev, names),
             "hook": hook_name(ev.hook),
         });
+        if ev.folded > 0 {
+            line["folded"] = ev.folded.into();
+        }
+        return line;
     }
     // Events raised in packet context name no task.
     let has_task = ev.pid_tgid != 0;
@@ -232,7 +228,8 @@ mod tests {
             verdict: VERDICT_DENY,
             reason: REASON_NO_RULE,
             hook: HOOK_CONNECT4,
-            _pad: [0; 7],
+            _pad: [0; 3],
+            folded: 0,
             comm,
         }
     }
@@ -255,6 +252,15 @@ mod tests {
         assert_eq!(v["dst"]["port"], 443);
         assert_eq!(v["reason"], "no rule allows orchestrator -> enterprise tcp/443");
         assert!(DateTime::parse_from_rfc3339(v["ts"].as_str().unwrap()).is_ok());
+    }
+
+    #[test]
+    fn an_ingress_line_carries_the_folded_count_only_when_there_is_one() {
+        let mut ev = event();
+        ev.direction = DIRECTION_INGRESS;
+        assert!(render(&ev, &names()).get("folded").is_none());
+        ev.folded = 5;
+        assert_eq!(render(&ev, &names())["folded"], 5);
     }
 
     #[test]
