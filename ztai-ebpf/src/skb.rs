@@ -146,15 +146,12 @@ fn config_flags() -> u32 {
 /// (revoked) and reported once. None if the connection is unknown.
 #[inline(always)]
 fn follow_known(ctx: &SkBuffContext, p: &Packet, side: Side) -> Option<i32> {
-    // Travelling initiator → responder (orig) or back (reply)?
-    let (key, orig) = if unsafe { CONNS.get(&p.tuple) }.is_some() {
-        (p.tuple, true)
-    } else {
-        let r = reversed(&p.tuple);
-        unsafe { CONNS.get(&r) }?;
-        (r, false)
+    // Travelling initiator → responder (orig) or back (reply)? One lookup
+    // per direction tried, the entry's pointer kept.
+    let (c, orig) = match CONNS.get_ptr_mut(&p.tuple) {
+        Some(c) => (c, true),
+        None => (CONNS.get_ptr_mut(&reversed(&p.tuple))?, false),
     };
-    let c = CONNS.get_ptr_mut(&key)?;
     let mut conn = unsafe { *c };
     if let Some((slot, epoch)) = live_policy() {
         if conn.epoch != epoch {

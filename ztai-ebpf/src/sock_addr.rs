@@ -11,7 +11,7 @@ use ztai_common::{
     COUNTER_AUDITED, COUNTER_DENIED, COUNTER_SOCKET_TABLE_FULL, COUNTER_UDP_REPLIES,
     DIRECTION_EGRESS, ExchangeKey, ExchangeValue, FlowKey, HOOK_SENDMSG4, HOOK_SENDMSG6, PROTO_TCP,
     PROTO_UDP, REASON_NO_POLICY, REASON_SOCKET_TABLE_FULL,
-    REASON_UNKNOWN_FAMILY, SEGMENT_HOST, SEGMENT_WORLD, UDP_EXCHANGE_IDLE_NS,
+    REASON_UNKNOWN_FAMILY, SEGMENT_HOST, SEGMENT_WORLD, SocketKey, UDP_EXCHANGE_IDLE_NS,
     VERDICT_ALLOW, VERDICT_AUDIT, VERDICT_DENY,
 };
 
@@ -94,7 +94,8 @@ pub fn authorize_egress<const V6: bool>(ctx: &SockAddrContext, hook: u8) -> i32 
     let (src, cgroup_id) = current_segment(generation);
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let (src_addr, src_port) = match socket_key(sk, netns) {
+    let own_key = socket_key(sk, netns);
+    let (src_addr, src_port) = match own_key {
         Some(k) => (k.addr, k.port),
         None => ([0; 4], 0),
     };
@@ -151,7 +152,7 @@ pub fn authorize_egress<const V6: bool>(ctx: &SockAddrContext, hook: u8) -> i32 
     {
         // A labeled UDP sender's autobound port must be known to be its own,
         // or datagrams to it would be judged as going to `host`.
-        v = remember_udp_sender(sk, netns, cookie, cgroup_id, src, generation);
+        v = remember_udp_sender(own_key, cookie, cgroup_id, src, generation);
         if v.verdict != VERDICT_ALLOW {
             aya_log_ebpf::warn!(ctx, "socket-owner table full: datagram from segment {} refused", src);
         }
@@ -181,14 +182,13 @@ fn remember_socket_flow(cookie: u64, key: &FlowKey) {
 
 #[inline(always)]
 fn remember_udp_sender(
-    sk: *const bpf_sock,
-    netns: u64,
+    own_key: Option<SocketKey>,
     cookie: u64,
     cgroup_id: u64,
     segment: u32,
     generation: u8,
 ) -> Verdict {
-    let Some(key) = socket_key(sk, netns) else {
+    let Some(key) = own_key else {
         return ALLOW;
     };
     if unsafe { SOCKET_OWNERS.get(&key) }.is_some() {
