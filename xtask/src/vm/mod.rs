@@ -532,6 +532,25 @@ pub fn vm_test(kernels: &[String]) -> anyhow::Result<()> {
     summarize(&outcomes, &out_dir)
 }
 
+/// The guest dies with the task that started it (PR_SET_PDEATHSIG), so a
+/// vm-test that is killed or interrupted leaves no QEMU running. vm-test
+/// spawns from its main thread only, whose exit is the signal.
+fn die_with_this_task(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt as _;
+    unsafe extern "C" {
+        fn prctl(option: std::ffi::c_int, ...) -> std::ffi::c_int;
+    }
+    const PR_SET_PDEATHSIG: std::ffi::c_int = 1;
+    const SIGKILL: std::ffi::c_ulong = 9;
+    // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| match prctl(PR_SET_PDEATHSIG, SIGKILL) {
+            0 => Ok(()),
+            _ => Err(std::io::Error::last_os_error()),
+        });
+    }
+}
+
 fn guest_image(
     common: &Tree,
     excluded: &[String],
@@ -633,6 +652,7 @@ fn boot(kernel: &Kernel, initrd: &Path, dir: &Path, prepare: Duration) -> anyhow
     .stderr(Stdio::piped());
     eprintln!("xtask vm-test: {label}: {}", display(&cmd));
     let start = Instant::now();
+    die_with_this_task(&mut cmd);
     let mut child = cmd.spawn().context("cannot start qemu-system-x86_64")?;
     let (tx, rx) = mpsc::channel::<Option<String>>();
     let stdout = child.stdout.take().context("piped stdout")?;
