@@ -10,48 +10,12 @@ use crate::util::{pid_alive, signal, try_wait_until, unique_n};
 /// How long cleanup waits for killed processes to leave a subtree and for rmdir to succeed.
 const CLEANUP_TIMEOUT: Duration = Duration::from_secs(20);
 
-/// The mount point of the cgroup2 (unified) hierarchy, from `/proc/self/mountinfo`.
+/// The mount point of the cgroup2 (unified) hierarchy: the agent's own lookup in
+/// `/proc/self/mountinfo`, so tests and agent agree on it.
 ///
 /// Panics when there is no cgroup2 mount (the tests cannot run without one).
 pub fn cgroup2_mount() -> PathBuf {
-    let text = std::fs::read_to_string("/proc/self/mountinfo")
-        .unwrap_or_else(|e| panic!("cannot read /proc/self/mountinfo: {e}"));
-    parse_cgroup2_mount(&text)
-        .unwrap_or_else(|| panic!("no cgroup2 filesystem in /proc/self/mountinfo:\n{text}"))
-}
-
-/// Finds the first `cgroup2` mount point in mountinfo text (see proc(5)).
-pub fn parse_cgroup2_mount(mountinfo: &str) -> Option<PathBuf> {
-    mountinfo.lines().find_map(|line| {
-        let (pre, post) = line.split_once(" - ")?;
-        let fstype = post.split_whitespace().next()?;
-        if fstype != "cgroup2" {
-            return None;
-        }
-        let mount_point = pre.split_whitespace().nth(4)?;
-        Some(PathBuf::from(unescape_octal(mount_point)))
-    })
-}
-
-/// Undoes mountinfo's `\ooo` escaping of spaces, tabs, newlines and backslashes.
-fn unescape_octal(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\'
-            && i + 3 < b.len()
-            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
-        {
-            let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
-            out.push(v);
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    ztai_agent::discovery::cgroups::cgroup2_mount().unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// A cgroup inside a test's subtree (does not own it; the [`TestCgroup`] removes everything).
@@ -296,34 +260,6 @@ pub(crate) fn stale_owner_pid(name: &str, prefix: &str) -> Option<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn finds_the_cgroup2_mount_in_a_hybrid_layout() {
-        let text = "31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755\n\
-                    40 31 0:37 / /sys/fs/cgroup/systemd rw,relatime - cgroup cgroup rw,name=systemd\n\
-                    41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw\n";
-        assert_eq!(
-            parse_cgroup2_mount(text),
-            Some(PathBuf::from("/sys/fs/cgroup/unified"))
-        );
-    }
-
-    #[test]
-    fn finds_a_cgroup2_mount_with_optional_fields_and_escapes() {
-        let text = "29 1 0:26 / /sys/fs/my\\040cg rw,nosuid shared:4 master:1 - cgroup2 cgroup2 rw,nsdelegate\n";
-        assert_eq!(
-            parse_cgroup2_mount(text),
-            Some(PathBuf::from("/sys/fs/my cg"))
-        );
-    }
-
-    #[test]
-    fn no_cgroup2_mount_is_none() {
-        assert_eq!(
-            parse_cgroup2_mount("1 0 0:1 / / rw - ext4 /dev/sda rw\n"),
-            None
-        );
-    }
 
     #[test]
     fn stale_names_parse_only_our_pattern() {
