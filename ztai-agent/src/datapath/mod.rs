@@ -318,7 +318,8 @@ impl Datapath {
                 }
             }
         }
-        if failed.is_empty() != !self.labels_incomplete() {
+        let incomplete = !failed.is_empty();
+        if incomplete != self.labels_incomplete() {
             self.config.flags ^= CONFIG_FLAG_LABELS_INCOMPLETE;
             self.write_config()?;
         }
