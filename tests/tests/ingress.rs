@@ -4,7 +4,7 @@
 //! program: a denied TCP SYN is dropped (the client's connect() times out, it is neither refused
 //! nor rejected locally) and reported as one `"direction":"ingress"` JSON line.
 //!
-//! Fixed policy ports of this file: 27540-27559 (servers in the host namespace: one set per test,
+//! Fixed policy ports of this file: 27540-27559, 27565-27567 (servers in the host namespace: one set per test,
 //! since the tests of a file run in parallel).
 
 use std::net::{IpAddr, SocketAddr};
@@ -622,4 +622,63 @@ fn repeated_drops_of_one_flow_are_reported_once_and_the_rest_counted_as_folded()
     assert_eq!(lines.len(), 1, "one line for the flow: {lines:#?}");
     assert!(lines[0].get("folded").is_none(), "the first line folds nothing: {}", lines[0]);
     assert_server_never_saw(&echo, src);
+}
+
+/// A UDP exchange judged at the receiver belongs to the socket it was judged for: when that
+/// socket is gone and another segment's socket binds the port, datagrams from the same remote
+/// address and port are judged afresh, not passed on the old exchange's verdict.
+#[test]
+fn udp_from_the_same_remote_port_to_a_new_receiver_on_the_port_is_judged_afresh() {
+    require_agent!();
+    const SRC_PORT: u16 = 40567;
+    let p = Ports {
+        inbound_tcp: 27565,
+        closed_tcp: 27566,
+        inbound_udp: 27567,
+    };
+    let remote = RemoteHost::new();
+    let cg = TestCgroup::new();
+    let inf = cg.child("inf");
+    let rag = cg.child("rag");
+    let agent = Agent::start_ready(
+        &policy(&cg, &remote, &p).cgroups("retrieval", &["rag"]),
+        &cg,
+    );
+    let target = SocketAddr::new(remote.host_v4(), p.inbound_udp);
+    let src = SocketAddr::new(remote.v4(), SRC_PORT);
+    let inf_echo = ProbeCmd::udp_echo(format!("[::]:{}", p.inbound_udp))
+        .in_cgroup(&inf)
+        .spawn();
+    inf_echo.wait_listening();
+    let ok = ProbeCmd::udp_send(target)
+        .bind(src)
+        .expect_reply()
+        .in_netns(remote.netns())
+        .run();
+    assert!(ok.is_ok(), "enterprise {src} -> inference {target}/udp is allowed: {ok}");
+    drop(inf_echo);
+
+    let rag_echo = ProbeCmd::udp_echo(format!("[::]:{}", p.inbound_udp))
+        .in_cgroup(&rag)
+        .spawn();
+    rag_echo.wait_listening();
+    let out = ProbeCmd::udp_send(target)
+        .bind(src)
+        .expect_reply()
+        .timeout_ms(DROPPED_MS)
+        .in_netns(remote.netns())
+        .run();
+    out.assert_code(exit::NO_REPLY);
+    expect_ingress_report(
+        &agent,
+        &Inbound {
+            proto: "udp",
+            src_segment: "enterprise",
+            src,
+            dst_segment: "retrieval",
+            dst_cgroup: &rag,
+            dst: target,
+        },
+    );
+    assert_server_never_saw(&rag_echo, src);
 }

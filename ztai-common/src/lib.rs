@@ -333,6 +333,10 @@ pub struct Conn {
     /// ingress follow this entry. Any other SYN finding an entry is a new
     /// connection reusing an old 4-tuple and is judged afresh.
     pub opening: u8,
+    /// UDP judged at the receiver: cookie of the socket it was judged for.
+    /// A datagram of the same 4-tuple reaching another socket (the old one
+    /// closed, another bound the port) is judged afresh. 0 otherwise.
+    pub receiver_cookie: u64,
 }
 
 /// Map slot of a generation number.
@@ -444,7 +448,7 @@ mod layout_tests {
         assert_eq!(size_of::<ExchangeKey>(), 32);
         assert_eq!(size_of::<TupleKey>(), 40);
         assert_eq!(size_of::<FlowKey>(), 28);
-        assert_eq!(size_of::<Conn>(), 32);
+        assert_eq!(size_of::<Conn>(), 40);
         assert_eq!(size_of::<FlowCounters>(), 32);
         assert_eq!(size_of::<IngressReport>(), 16);
         assert_eq!(size_of::<ViolationEvent>(), 8 * 5 + 4 * 2 + 16 * 2 + 2 * 2 + 5 + 3 + 4 + 16);

@@ -153,6 +153,14 @@ fn follow_known(ctx: &SkBuffContext, p: &Packet, side: Side) -> Option<i32> {
         None => (CONNS.get_ptr_mut(&reversed(&p.tuple))?, false),
     };
     let mut conn = unsafe { *c };
+    if side == Side::Ingress
+        && orig
+        && conn.receiver_cookie != 0
+        && conn.receiver_cookie != unsafe { bpf_get_socket_cookie(ctx.as_ptr()) }
+    {
+        // Same 4-tuple, another receiving socket: a new exchange.
+        return None;
+    }
     if let Some((slot, epoch)) = live_policy() {
         if conn.epoch != epoch {
             rejudge(ctx, p, side, orig, slot, epoch, &mut conn);
@@ -249,7 +257,7 @@ pub fn egress(ctx: &SkBuffContext) -> i32 {
     // First packet of a connection this socket initiated.
     if let Some(flow) = authorized_flow(ctx, &p.tuple.daddr, p.tuple.dport) {
         let epoch = live_policy().map(|(_, e)| e).unwrap_or(0);
-        let conn = Conn { flow, epoch, counted_by: COUNTED_BY_INITIATOR, opening: p.opens as u8 };
+        let conn = Conn { flow, epoch, counted_by: COUNTED_BY_INITIATOR, opening: p.opens as u8, receiver_cookie: 0 };
         let _ = CONNS.insert(&p.tuple, &conn, 0);
         add(&flow, ORIG, p.packets, p.bytes);
     } else if p.opens {
@@ -310,7 +318,7 @@ pub fn ingress(ctx: &SkBuffContext) -> i32 {
     // (judged under the generation its socket's flow was authorized in; the
     // next packet re-judges it if that has changed).
     if let Some(flow) = authorized_flow(ctx, &p.tuple.saddr, p.tuple.sport) {
-        let conn = Conn { flow, epoch: 0, counted_by: COUNTED_BY_INITIATOR, opening: 0 };
+        let conn = Conn { flow, epoch: 0, counted_by: COUNTED_BY_INITIATOR, opening: 0, receiver_cookie: 0 };
         let _ = CONNS.insert(&reversed(&p.tuple), &conn, 0);
         add(&flow, REPLY, p.packets, p.bytes);
         return PASS;
@@ -349,7 +357,8 @@ pub fn ingress(ctx: &SkBuffContext) -> i32 {
         }
         count(COUNTER_AUDITED);
     }
-    let conn = Conn { flow, epoch, counted_by: COUNTED_BY_RESPONDER, opening: 0 };
+    let receiver_cookie = if p.tuple.proto == PROTO_UDP { unsafe { bpf_get_socket_cookie(ctx.as_ptr()) } } else { 0 };
+    let conn = Conn { flow, epoch, counted_by: COUNTED_BY_RESPONDER, opening: 0, receiver_cookie };
     let _ = CONNS.insert(&p.tuple, &conn, 0);
     PASS
 }

@@ -438,6 +438,7 @@ impl Datapath {
                 epoch: generation.wrapping_sub(1) as u16,
                 counted_by,
                 opening: 0,
+                receiver_cookie: 0,
             };
             match map.insert(key, conn, BPF_NOEXIST) {
                 Ok(()) => seeded += 1,
