@@ -318,8 +318,7 @@ pub fn ensure_packages() -> Result<()> {
         debian.push("systemd");
     }
     if !debian.is_empty() {
-        // SAFETY: geteuid has no preconditions.
-        let root = unsafe { geteuid() } == 0;
+        let root = crate::host::is_root();
         if !root || !have("apt-get", "--version") {
             return Err(err(format!(
                 "missing {}; install with your package manager (Debian: apt-get install {})",
@@ -360,6 +359,4 @@ pub fn ensure_packages() -> Result<()> {
     Ok(())
 }
 
-unsafe extern "C" {
-    fn geteuid() -> u32;
-}
+

@@ -3,6 +3,7 @@ mod bench;
 mod demo;
 mod deploy;
 mod fuzz;
+mod host;
 mod toolchain;
 mod vm;
 
@@ -80,15 +81,7 @@ fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."))
 }
 
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc_geteuid() == 0 }
-}
-
-unsafe extern "C" {
-    #[link_name = "geteuid"]
-    fn libc_geteuid() -> u32;
-}
+use host::is_root;
 
 fn run_cmd(cmd: &mut Command) -> anyhow::Result<()> {
     eprintln!("xtask: {}", display(cmd));

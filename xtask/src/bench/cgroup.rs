@@ -6,49 +6,14 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
 
 use super::sys;
 
 const PREFIX: &str = "ztai-bench-";
 const CLEANUP_TIMEOUT: Duration = Duration::from_secs(20);
 
-/// Mount point of the cgroup2 hierarchy (first `cgroup2` entry of /proc/self/mountinfo).
-pub fn cgroup2_mount() -> anyhow::Result<PathBuf> {
-    let text = std::fs::read_to_string("/proc/self/mountinfo")
-        .context("cannot read /proc/self/mountinfo")?;
-    for line in text.lines() {
-        let Some((pre, post)) = line.split_once(" - ") else {
-            continue;
-        };
-        if post.split_whitespace().next() != Some("cgroup2") {
-            continue;
-        }
-        if let Some(mp) = pre.split_whitespace().nth(4) {
-            return Ok(PathBuf::from(unescape_octal(mp)));
-        }
-    }
-    bail!("no cgroup2 filesystem in /proc/self/mountinfo")
-}
-
-fn unescape_octal(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\'
-            && i + 3 < b.len()
-            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
-        {
-            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
+pub use crate::host::cgroup2_mount;
 
 pub struct BenchCgroup {
     mount: PathBuf,

@@ -20,7 +20,6 @@ mod c {
         pub fn socket(domain: i32, ty: i32, protocol: i32) -> i32;
         pub fn ioctl(fd: i32, request: u64, ...) -> i32;
         pub fn close(fd: i32) -> i32;
-        pub fn geteuid() -> u32;
         pub fn sysconf(name: i32) -> i64;
         pub fn connect(fd: i32, addr: *const u8, len: u32) -> i32;
         pub fn fcntl(fd: i32, cmd: i32, ...) -> i32;
@@ -46,10 +45,7 @@ const SIOCSIFFLAGS: u64 = 0x8914;
 const IFF_UP: i16 = 1;
 const SC_CLK_TCK: i32 = 2;
 
-pub fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { c::geteuid() == 0 }
-}
+pub use crate::host::is_root;
 
 /// Sends `sig` to `pid` (a process this bench started). Refuses pid <= 1.
 pub fn signal_pid(pid: u32, sig: i32) -> io::Result<()> {

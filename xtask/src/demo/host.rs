@@ -27,32 +27,7 @@ const CLEANUP_TIMEOUT: Duration = Duration::from_secs(20);
 
 // ------------------------------------------------------------- cgroup2 ---
 
-/// The cgroup2 mount point, from /proc/self/mountinfo (hybrid layouts included).
-pub fn cgroup2_mount() -> anyhow::Result<PathBuf> {
-    let text = std::fs::read_to_string("/proc/self/mountinfo").context("cannot read /proc/self/mountinfo")?;
-    text.lines()
-        .find_map(|line| {
-            let (pre, post) = line.split_once(" - ")?;
-            (post.split_whitespace().next()? == "cgroup2").then(|| pre.split_whitespace().nth(4).map(unescape_octal))?
-        })
-        .ok_or_else(|| anyhow::anyhow!("no cgroup2 filesystem is mounted (see /proc/self/mountinfo); the agent needs cgroup v2"))
-}
-
-fn unescape_octal(s: &str) -> PathBuf {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
-            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    PathBuf::from(String::from_utf8_lossy(&out).into_owned())
-}
+pub use crate::host::cgroup2_mount;
 
 fn read_procs(dir: &Path) -> Vec<u32> {
     std::fs::read_to_string(dir.join("cgroup.procs")).map(|t| t.lines().filter_map(|l| l.trim().parse().ok()).collect()).unwrap_or_default()

@@ -27,7 +27,6 @@ const LOCK_NB: c_int = 4;
 const PR_SET_PDEATHSIG: c_int = 1;
 
 unsafe extern "C" {
-    fn geteuid() -> u32;
     fn kill(pid: i32, sig: c_int) -> c_int;
     fn signal(sig: c_int, handler: usize) -> usize;
     fn flock(fd: c_int, op: c_int) -> c_int;
@@ -43,10 +42,7 @@ unsafe extern "C" {
     fn getxattr(path: *const c_char, name: *const c_char, value: *mut c_void, size: usize) -> isize;
 }
 
-pub fn is_root() -> bool {
-    // SAFETY: no preconditions.
-    unsafe { geteuid() == 0 }
-}
+pub use crate::host::is_root;
 
 pub fn stdin_is_tty() -> bool {
     // SAFETY: no preconditions.

@@ -52,7 +52,7 @@ use std::{
 use anyhow::{Context as _, bail};
 use serde_json::Value;
 
-use crate::workspace_root;
+use crate::{host::is_root, workspace_root};
 
 use self::{
     initramfs::Tree,
@@ -743,13 +743,6 @@ fn boot(kernel: &Kernel, initrd: &Path, dir: &Path, prepare: Duration) -> anyhow
     })
 }
 
-fn is_root() -> bool {
-    unsafe extern "C" {
-        fn geteuid() -> u32;
-    }
-    // SAFETY: geteuid has no preconditions.
-    unsafe { geteuid() == 0 }
-}
 
 /// The suite on the running kernel, reported like a guest (same markers).
 fn run_native(built: &Built, out_dir: &Path, prep_start: Instant) -> anyhow::Result<Outcome> {
