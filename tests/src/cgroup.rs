@@ -75,6 +75,14 @@ impl Cgroup {
         }
     }
 
+    /// Removes this cgroup now (it must have no processes and no children left); the
+    /// [`TestCgroup`] removes whatever is left at the end of the test anyway.
+    #[track_caller]
+    pub fn remove(&self) {
+        std::fs::remove_dir(self.path())
+            .unwrap_or_else(|e| panic!("cannot remove cgroup {}: {e}", self.path().display()));
+    }
+
     /// Pids listed in this cgroup's `cgroup.procs` (not its descendants').
     pub fn procs(&self) -> Vec<u32> {
         read_procs(&self.path())

@@ -86,6 +86,35 @@ impl ProbeCmd {
         ProbeCmd::new(["udp-send".to_string(), addr.to_string()])
     }
 
+    /// `raw-recv IP --proto N...` — one `socket(AF_INET, SOCK_RAW, N)` per protocol, bound to
+    /// `ip` (any address for 0.0.0.0); prints `listening <ip> proto <N,...>`, then
+    /// `recv <proto> <src ip> <payload>` per packet (see [`is_raw_recv_line`]). On each
+    /// wake-up it drains the sockets in the order of `protos`: a packet of an earlier protocol
+    /// queued before one of a later protocol is printed first.
+    pub fn raw_recv(ip: std::net::Ipv4Addr, protos: &[u8]) -> ProbeCmd {
+        let mut cmd = ProbeCmd::new(["raw-recv".to_string(), ip.to_string()]);
+        for p in protos {
+            cmd = cmd.arg("--proto").arg(p.to_string());
+        }
+        cmd
+    }
+
+    /// `raw-send IP --proto N` — one raw IPv4 packet of protocol `proto` to `ip` carrying
+    /// `ztai-probe raw <pid>` ([`raw_payload`]); for protocol 1 an ICMP echo request with it.
+    /// [`ProbeCmd::bind`] takes `IP` or `IP:0` here.
+    pub fn raw_send(ip: std::net::Ipv4Addr, proto: u8) -> ProbeCmd {
+        ProbeCmd::new(["raw-send".to_string(), ip.to_string()])
+            .arg("--proto")
+            .arg(proto.to_string())
+    }
+
+    /// tcp-connect: close with SO_LINGER {1, 0}, so the connection ends with a RST and leaves no
+    /// TIME_WAIT; the same [`ProbeCmd::bind`] address and port can then open the same 4-tuple
+    /// again at once (the probe also sets SO_REUSEADDR before binding).
+    pub fn reset(self) -> ProbeCmd {
+        self.arg("--reset")
+    }
+
     /// Appends a raw argument (e.g. `--connect`, `--expect-reply`).
     pub fn arg(mut self, a: impl AsRef<str>) -> ProbeCmd {
         self.args.push(a.as_ref().to_string());
@@ -213,6 +242,20 @@ impl ProbeCmd {
     pub fn run(self) -> ProbeOutcome {
         self.spawn().finish(DEFAULT_TIMEOUT)
     }
+}
+
+/// The payload `raw-send` puts in its packet (the sender's pid makes it unique).
+pub fn raw_payload(sender_pid: u32) -> String {
+    format!("ztai-probe raw {sender_pid}")
+}
+
+/// Whether `line` is a `raw-recv` line for a packet of `proto` carrying `payload`.
+pub fn is_raw_recv_line(line: &str, proto: u8, payload: &str) -> bool {
+    let mut w = line.splitn(4, ' ');
+    w.next() == Some("recv")
+        && w.next() == Some(proto.to_string().as_str())
+        && w.next().is_some()
+        && w.next() == Some(payload)
 }
 
 /// A running probe. Killed (SIGKILL) and reaped on drop.

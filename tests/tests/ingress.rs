@@ -4,8 +4,16 @@
 //! program: a denied TCP SYN is dropped (the client's connect() times out, it is neither refused
 //! nor rejected locally) and reported as one `"direction":"ingress"` JSON line.
 //!
-//! Fixed policy ports of this file: 27540-27559, 27565-27567 (servers in the host namespace: one set per test,
-//! since the tests of a file run in parallel).
+//! A TCP SYN (without ACK) is always a new connection at the receiver: an earlier connection with
+//! the same addresses and ports leaves its entry behind, and a SYN only follows such an entry when
+//! its own initiator's egress (a socket inside the subtree) made it for this very SYN. Inbound IPv4
+//! that is neither TCP, UDP nor ICMP is dropped at a labeled receiver and reported. A UDP exchange
+//! judged at the receiver holds only for the socket it was judged for.
+//!
+//! Fixed policy ports of this file: 27540-27559, 27565-27567, 27600-27610 and 27615 (servers in the host
+//! namespace: one set per test, since the tests of a file run in parallel); fixed client ports
+//! 27603 (in a test's own remote namespace), 27607 and 27616 (loopback, host namespace) and 40567
+//! (remote).
 
 use std::net::{IpAddr, SocketAddr};
 use std::os::unix::fs::MetadataExt;
@@ -13,11 +21,11 @@ use std::os::unix::fs::MetadataExt;
 use serde_json::Value;
 
 use ztai_tests::metrics::sample_value;
-use ztai_tests::probe::exit;
+use ztai_tests::probe::{exit, is_raw_recv_line, raw_payload};
 use ztai_tests::time::{now_unix, parse_rfc3339};
 use ztai_tests::{
     Agent, Cgroup, DEFAULT_TIMEOUT, Denial, Policy, Probe, ProbeCmd, ProbeOutcome, RemoteHost,
-    TestCgroup, require_agent,
+    TestCgroup, require_agent, try_wait_until,
 };
 
 /// One test's ports.
@@ -681,4 +689,339 @@ fn udp_from_the_same_remote_port_to_a_new_receiver_on_the_port_is_judged_afresh(
         },
     );
     assert_server_never_saw(&rag_echo, src);
+}
+
+/// A SYN from a remote client reusing the 4-tuple (its address and source port, the server's
+/// address and port) of an earlier allowed connection is judged afresh: the entry that connection
+/// left in the kernel's connection table does not speak for the new one. Here the listener on the
+/// port changed from `inference` (enterprise may connect) to `retrieval` (no rule), and the same
+/// enterprise client address and port connects again: it is dropped and reported. Before the fix
+/// the SYN matched the stale allowed entry and connected to retrieval.
+#[test]
+fn a_remote_syn_reusing_the_4_tuple_of_an_earlier_allowed_connection_is_judged_afresh_and_dropped_when_the_new_listener_is_denied()
+ {
+    require_agent!();
+    let p = Ports {
+        inbound_tcp: 27600,
+        closed_tcp: 27601,
+        inbound_udp: 27602,
+    };
+    /// The client's fixed source port (in the remote host's own namespace).
+    const CLIENT_PORT: u16 = 27603;
+    let remote = RemoteHost::new();
+    let cg = TestCgroup::new();
+    let inf = cg.child("inf");
+    let rag = cg.child("rag");
+    let agent = Agent::start_ready(
+        &policy(&cg, &remote, &p).cgroups("retrieval", &["rag"]),
+        &cg,
+    );
+    let ends = [
+        (remote.host_v4(), remote.v4()),
+        (remote.host_v6(), remote.v6()),
+    ];
+
+    let inference = ProbeCmd::tcp_listen(format!("[::]:{}", p.inbound_tcp))
+        .in_cgroup(&inf)
+        .spawn();
+    inference.wait_listening();
+    for (host, enterprise) in ends {
+        let target = SocketAddr::new(host, p.inbound_tcp);
+        // Closed with a RST: no TIME_WAIT on either end, so the 4-tuple can be reused at once.
+        let out = ProbeCmd::tcp_connect(target)
+            .bind(SocketAddr::new(enterprise, CLIENT_PORT))
+            .reset()
+            .in_netns(remote.netns())
+            .run();
+        assert!(
+            out.is_ok(),
+            "enterprise {enterprise}:{CLIENT_PORT} -> inference {target} is allowed by a rule: {out}"
+        );
+    }
+    // The inference server goes away; a retrieval server takes over the same port.
+    drop(inference);
+    let retrieval = ProbeCmd::tcp_listen(format!("[::]:{}", p.inbound_tcp))
+        .in_cgroup(&rag)
+        .spawn();
+    retrieval.wait_listening();
+
+    for (host, enterprise) in ends {
+        let target = SocketAddr::new(host, p.inbound_tcp);
+        let out = ProbeCmd::tcp_connect(target)
+            .bind(SocketAddr::new(enterprise, CLIENT_PORT))
+            .reset()
+            .timeout_ms(DROPPED_MS)
+            .in_netns(remote.netns())
+            .run();
+        assert!(
+            out.is_timeout(),
+            "enterprise {enterprise}:{CLIENT_PORT} -> retrieval {target}: no rule allows it, so the \
+             SYN must be dropped even though an allowed connection to inference used the same \
+             addresses and ports before (timeout expected): {out}"
+        );
+        let src = bound(&out);
+        assert_eq!(src.port(), CLIENT_PORT, "the client reused its port: {out}");
+        expect_ingress_report(
+            &agent,
+            &Inbound {
+                proto: "tcp",
+                src_segment: "enterprise",
+                src,
+                dst_segment: "retrieval",
+                dst_cgroup: &rag,
+                dst: target,
+            },
+        );
+        assert_server_never_saw(&retrieval, src);
+    }
+}
+
+/// On loopback a SYN follows the connection entry its initiator's egress made for it, once: a
+/// labeled client inside the subtree reusing its own 4-tuple is judged at connect only (passes,
+/// nothing reported at the receiver), but an unlabeled process outside the subtree reusing that
+/// same 4-tuple next is judged at the receiver as `host` and dropped.
+#[test]
+fn a_loopback_syn_follows_only_the_entry_its_own_initiator_made_so_an_outside_process_reusing_the_4_tuple_is_dropped()
+ {
+    require_agent!();
+    let p = Ports {
+        inbound_tcp: 27604,
+        closed_tcp: 27605,
+        inbound_udp: 27606,
+    };
+    /// The clients' fixed source port (host namespace, loopback).
+    const CLIENT_PORT: u16 = 27607;
+    let remote = RemoteHost::new();
+    let cg = TestCgroup::new();
+    let orch = cg.child("orch");
+    let inf = cg.child("inf");
+    let agent = Agent::start_ready(&policy(&cg, &remote, &p), &cg);
+    let server = ProbeCmd::tcp_listen(format!("[::]:{}", p.inbound_tcp))
+        .in_cgroup(&inf)
+        .spawn();
+    server.wait_listening();
+
+    let mut allowed = Vec::new();
+    for ip in [
+        "127.0.0.1".parse::<IpAddr>().unwrap(),
+        "::1".parse().unwrap(),
+    ] {
+        let target = SocketAddr::new(ip, p.inbound_tcp);
+        let client = SocketAddr::new(ip, CLIENT_PORT);
+        // orchestrator -> inference is allowed at connect; a rule for `host` -> inference does
+        // not exist, so a receiver that judged these SYNs again would drop them.
+        for attempt in 1..=2 {
+            let out = ProbeCmd::tcp_connect(target)
+                .bind(client)
+                .reset()
+                .in_cgroup(&orch)
+                .run();
+            assert!(
+                out.is_ok(),
+                "orchestrator {client} -> inference {target} (attempt {attempt}, same 4-tuple): {out}"
+            );
+            allowed.push(out.pid);
+        }
+        // Same 4-tuple from this test's own process, outside the subtree (`host`).
+        let out = ProbeCmd::tcp_connect(target)
+            .bind(client)
+            .reset()
+            .timeout_ms(DROPPED_MS)
+            .run();
+        assert!(
+            out.is_timeout(),
+            "host {client} -> inference {target}: no rule allows it; the entry of orchestrator's \
+             earlier connection on the same 4-tuple must not let this SYN through (timeout \
+             expected): {out}"
+        );
+        let src = bound(&out);
+        assert_eq!(src.port(), CLIENT_PORT, "the client reused the port: {out}");
+        expect_ingress_report(
+            &agent,
+            &Inbound {
+                proto: "tcp",
+                src_segment: "host",
+                src,
+                dst_segment: "inference",
+                dst_cgroup: &inf,
+                dst: target,
+            },
+        );
+    }
+    for pid in allowed {
+        agent.assert_no_violation_from(pid);
+    }
+    let from_inside: Vec<Value> = agent
+        .violations()
+        .into_iter()
+        .filter(|v| v["direction"] == "ingress" && v["src"]["segment"] != "host")
+        .collect();
+    assert!(
+        from_inside.is_empty(),
+        "orchestrator's connections are judged at connect, never at the receiver: {from_inside:#?}"
+    );
+}
+
+/// Inbound IPv4 of a protocol no rule can name (253, reserved for experiments) is dropped at a
+/// labeled receiver and reported, even from a source a rule allows tcp/udp from; an unlabeled
+/// receiver under the attach point (`host`) gets the very same packet, and ICMP still reaches the
+/// labeled receiver. Raw sockets are judged like any other: cgroup_skb ingress runs in
+/// sk_filter() when the packet is queued to the socket.
+#[test]
+fn inbound_ipv4_that_is_neither_tcp_udp_nor_icmp_is_dropped_at_a_labeled_receiver_and_reported_but_reaches_an_unlabeled_one()
+ {
+    require_agent!();
+    const EXPERIMENTAL: u8 = 253;
+    const ICMP: u8 = 1;
+    let p = Ports {
+        inbound_tcp: 27608,
+        closed_tcp: 27609,
+        inbound_udp: 27610,
+    };
+    let remote = RemoteHost::new();
+    let cg = TestCgroup::new();
+    let inf = cg.child("inf");
+    let misc = cg.child("misc"); // under the attach point, labeled by no segment
+    let agent = Agent::start_ready(&policy(&cg, &remote, &p), &cg);
+    let IpAddr::V4(host) = remote.host_v4() else {
+        unreachable!("host_v4 is IPv4")
+    };
+    // The labeled receiver drains its protocol-253 socket before its ICMP one on every wake-up.
+    let labeled = ProbeCmd::raw_recv(host, &[EXPERIMENTAL, ICMP])
+        .in_cgroup(&inf)
+        .spawn();
+    let unlabeled = ProbeCmd::raw_recv(host, &[EXPERIMENTAL])
+        .in_cgroup(&misc)
+        .spawn();
+    for r in [&labeled, &unlabeled] {
+        r.wait_line("\"listening ...\"", DEFAULT_TIMEOUT, |l| {
+            l.starts_with("listening ")
+        });
+    }
+
+    // From the enterprise address: a rule lets it reach inference over tcp and udp, which says
+    // nothing about other protocols.
+    let from = SocketAddr::new(remote.v4(), 0);
+    let sent = ProbeCmd::raw_send(host, EXPERIMENTAL)
+        .bind(from)
+        .in_netns(remote.netns())
+        .run();
+    sent.assert_ok();
+    let payload = raw_payload(sent.pid);
+    // Every raw socket of the protocol bound to the address gets its own copy of the packet.
+    unlabeled.wait_line(
+        "with the protocol-253 packet (an unlabeled receiver is not judged)",
+        DEFAULT_TIMEOUT,
+        |l| is_raw_recv_line(l, EXPERIMENTAL, &payload),
+    );
+    let inf_id = cgroup_id(&inf);
+    let v = try_wait_until(DEFAULT_TIMEOUT, || {
+        agent
+            .violations()
+            .into_iter()
+            .find(|v| v["direction"] == "ingress" && v["dst"]["cgroup_id"] == inf_id)
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "no ingress report for the labeled receiver's copy of the protocol-{EXPERIMENTAL} \
+             packet within {DEFAULT_TIMEOUT:?}; the labeled receiver printed: {:?}\n{}",
+            labeled.lines(),
+            agent.diagnostics()
+        )
+    });
+    assert_eq!(v["verdict"], "deny", "{v}");
+    assert_eq!(v["hook"], "skb_ingress", "{v}");
+    assert_eq!(v["proto"], "other", "{v}");
+    assert_eq!(v["dst"]["segment"], "inference", "{v}");
+    assert_eq!(v["dst"]["cgroup"], inf.proc_path().as_str(), "{v}");
+    assert!(
+        v["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("neither TCP, UDP nor ICMP")),
+        "the reason should say the protocol cannot be judged: {v}"
+    );
+
+    // ICMP passes: an echo request sent after the drop was reported reaches the labeled receiver,
+    // which on that wake-up first drains its protocol-253 socket. Had the 253 packet been queued
+    // there (it was judged before the report, so before this request was even sent), it would
+    // be printed before the ICMP line.
+    let marker = ProbeCmd::raw_send(host, ICMP)
+        .bind(from)
+        .in_netns(remote.netns())
+        .run();
+    marker.assert_ok();
+    let marker_payload = raw_payload(marker.pid);
+    labeled.wait_line(
+        "with the ICMP echo request (ICMP is not judged)",
+        DEFAULT_TIMEOUT,
+        |l| is_raw_recv_line(l, ICMP, &marker_payload),
+    );
+    let got: Vec<String> = labeled
+        .lines()
+        .into_iter()
+        .filter(|l| l.starts_with(&format!("recv {EXPERIMENTAL} ")))
+        .collect();
+    assert!(
+        got.is_empty(),
+        "the labeled receiver must never get the protocol-{EXPERIMENTAL} packet: {got:?}"
+    );
+    let ingress: Vec<Value> = agent
+        .violations()
+        .into_iter()
+        .filter(|v| v["direction"] == "ingress")
+        .collect();
+    assert_eq!(
+        ingress.len(),
+        1,
+        "only the labeled receiver's copy is reported (not the unlabeled one's, not ICMP): \
+         {ingress:#?}"
+    );
+}
+
+/// The mark that lets a SYN follow its own initiator's entry ends when the initiator gets an
+/// answer: here a RST, since nothing listens yet. A process outside the subtree that later reuses
+/// that 4-tuple towards a labeled listener is judged at the receiver (dropped, reported), not let
+/// through on the mark.
+#[test]
+fn a_refused_connect_leaves_no_mark_an_outside_process_reusing_its_4_tuple_can_follow() {
+    require_agent!();
+    const PORT: u16 = 27615;
+    const CLIENT_PORT: u16 = 27616;
+    let cg = TestCgroup::new();
+    let orch = cg.child("orch");
+    let inf = cg.child("inf");
+    let agent = Agent::start_ready(
+        &Policy::enforce(&cg)
+            .cgroups("orchestrator", &["orch"])
+            .cgroups("inference", &["inf"])
+            .allow_all_ports("orchestrator", "host")
+            .allow_all_ports("orchestrator", "inference"),
+        &cg,
+    );
+    let target = SocketAddr::from(([127, 0, 0, 1], PORT));
+    let client = SocketAddr::from(([127, 0, 0, 1], CLIENT_PORT));
+    // Nothing listens: orchestrator -> host is allowed at connect, and the kernel answers RST.
+    ProbeCmd::tcp_connect(target)
+        .bind(client)
+        .reset()
+        .in_cgroup(&orch)
+        .run()
+        .assert_code(exit::ECONNREFUSED);
+    let server = ProbeCmd::tcp_listen(target).in_cgroup(&inf).spawn();
+    server.wait_listening();
+    let out = ProbeCmd::tcp_connect(target)
+        .bind(client)
+        .reset()
+        .timeout_ms(DROPPED_MS)
+        .run();
+    out.assert_code(exit::TIMEOUT);
+    let v = agent.wait_violation(DEFAULT_TIMEOUT, |v| {
+        v["direction"] == "ingress" && v["src"]["port"] == CLIENT_PORT
+    });
+    assert_eq!(
+        (v["src"]["segment"].as_str(), v["dst"]["segment"].as_str()),
+        (Some("host"), Some("inference")),
+        "{v}"
+    );
+    assert_server_never_saw(&server, client);
 }

@@ -460,15 +460,19 @@ fn a_full_socket_owner_map_refuses_labeled_binds_reports_them_and_counts_them() 
     drop(again);
 }
 
+/// While a cgroup cannot be labeled (label map full), a `host` end under the attach point may be a
+/// labeled workload passing as unlabeled: host-to-host traffic there is denied at connect (a
+/// process under the attach point) and at the receiver (a process outside it connecting to an
+/// unlabeled listener under it). Once cgroups are removed so that every remaining one fits in the
+/// map, the agent's rescan labels them all and lifts the fail-closed state.
 #[test]
-fn a_full_label_map_fails_closed_for_unlabeled_traffic_under_the_attach_point() {
+fn a_full_label_map_fails_closed_for_host_traffic_under_the_attach_point_at_connect_and_at_the_receiver_until_every_cgroup_fits()
+ {
     require_agent!();
     let cg = TestCgroup::new();
     // Subtree root, orch, inf, rag, plain: 5 cgroups to label, room for 2.
     let plain = cg.child("plain");
-    for c in ["orch", "inf", "rag"] {
-        cg.child(c);
-    }
+    let workloads: Vec<Cgroup> = ["orch", "inf", "rag"].iter().map(|c| cg.child(c)).collect();
     let mut agent = PersistentAgent::new(&base_policy(&cg), &cg).map_size("ZTAI_CGROUP_LABELS", 2);
     agent.start();
     agent.wait_ready(READY_TIMEOUT);
@@ -499,14 +503,96 @@ fn a_full_label_map_fails_closed_for_unlabeled_traffic_under_the_attach_point() 
         (Some("deny"), Some("host"), Some("host")),
         "{v}"
     );
+    assert_labels_incomplete_reason(&v);
+    // Outside the attach point nothing changes.
+    ProbeCmd::tcp_connect(addr).run().assert_ok();
+
+    // An unlabeled listener under the attach point, a client outside it: judged at the receiver,
+    // the SYN is dropped (timeout) and reported.
+    let inside = ProbeCmd::tcp_listen("127.0.0.1:0")
+        .in_cgroup(&plain)
+        .spawn();
+    let inside_addr = inside.wait_listening();
+    let out = ProbeCmd::tcp_connect(inside_addr)
+        .bind("127.0.0.1:0")
+        .timeout_ms(1500)
+        .run();
+    assert!(
+        out.is_timeout(),
+        "with the label map full, a process outside the attach point connecting to an unlabeled \
+         listener under it must be dropped at the receiver (timeout), got: {out}"
+    );
+    let src = out
+        .bound_addr()
+        .unwrap_or_else(|| panic!("the probe printed no `bound` line: {out}"));
+    let v = agent.wait_violation_after(0, DEFAULT_TIMEOUT, |v| {
+        v["direction"] == "ingress" && v["src"]["port"] == src.port()
+    });
+    assert_eq!(
+        (
+            v["verdict"].as_str(),
+            v["hook"].as_str(),
+            v["src"]["segment"].as_str(),
+            v["dst"]["segment"].as_str(),
+            v["dst"]["port"].as_u64(),
+        ),
+        (
+            Some("deny"),
+            Some("skb_ingress"),
+            Some("host"),
+            Some("host"),
+            Some(u64::from(inside_addr.port()))
+        ),
+        "{v}"
+    );
+    assert_labels_incomplete_reason(&v);
+    assert!(
+        !inside.lines().iter().any(|l| l.contains(&src.to_string())),
+        "the listener under the attach point heard from {src}: {:?}",
+        inside.lines()
+    );
+
+    // Remove three cgroups: the subtree root and plain are left, which the map holds. The
+    // agent's rescan (every second) labels them and lifts the fail-closed state.
+    for c in &workloads {
+        c.remove();
+    }
+    let logged = agent.wait_log(
+        "\"every cgroup is labeled again ...\"",
+        DEFAULT_TIMEOUT,
+        |v| {
+            v["msg"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("every cgroup is labeled again"))
+        },
+    );
+    assert_eq!(logged["level"], "info", "{logged}");
+    // Both ends of host-to-host traffic under the attach point work again.
+    let out = ProbeCmd::tcp_connect(inside_addr).timeout_ms(3000).run();
+    assert!(
+        out.is_ok(),
+        "every cgroup is labeled: outside -> unlabeled listener under the attach point must \
+         connect again, got: {out}"
+    );
+    let out = ProbeCmd::tcp_connect(addr)
+        .timeout_ms(3000)
+        .in_cgroup(&plain)
+        .run();
+    assert!(
+        out.is_ok(),
+        "every cgroup is labeled: an unlabeled process under the attach point -> host must \
+         connect again, got: {out}"
+    );
+}
+
+#[track_caller]
+fn assert_labels_incomplete_reason(v: &Value) {
     assert!(
         v["reason"]
             .as_str()
             .is_some_and(|r| r.contains("could not label every cgroup")),
         "the reason should say the labels are incomplete: {v}"
     );
-    // Outside the attach point nothing changes.
-    ProbeCmd::tcp_connect(addr).run().assert_ok();
 }
 
 /// What happened when during the chaos run (CLOCK_MONOTONIC ns).

@@ -161,6 +161,13 @@ fn follow_known(ctx: &SkBuffContext, p: &Packet, side: Side) -> Option<i32> {
         // Same 4-tuple, another receiving socket: a new exchange.
         return None;
     }
+    if side == Side::Ingress && !orig && conn.opening != 0 {
+        // The initiator got an answer (SYN-ACK, or a RST when nothing
+        // listens): its SYN is done, so its mark must not let a later SYN
+        // reusing the 4-tuple from outside the subtree follow this entry.
+        conn.opening = 0;
+        unsafe { (*c).opening = 0 };
+    }
     if let Some((slot, epoch)) = live_policy() {
         if conn.epoch != epoch {
             rejudge(ctx, p, side, orig, slot, epoch, &mut conn);

@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! ztai-probe tcp-listen  ADDR:PORT                  # prints "listening <addr>", echoes one line per connection
-//! ztai-probe tcp-connect ADDR:PORT [--bind A:P] [--send-bytes K] [--timeout-ms MS]
+//! ztai-probe tcp-connect ADDR:PORT [--bind A:P] [--send-bytes K] [--timeout-ms MS] [--reset]
 //!                                                   # connect + one echo round trip (or a bulk upload)
 //! ztai-probe udp-echo    ADDR:PORT                  # prints "listening <addr>", sendto()s each datagram back
 //! ztai-probe udp-send    ADDR:PORT [--connect] [--expect-reply] [--bind A:P] [--count N] [--timeout-ms MS]
@@ -12,6 +12,8 @@
 //! ztai-probe tcp-session ADDR:PORT [--rounds N] [--interval-ms MS] [--timeout-ms MS] [--bind A:P]
 //! ztai-probe udp-session ADDR:PORT [--rounds N] [--interval-ms MS] [--timeout-ms MS] [--bind A:P]
 //!                                                   # one connection, a request/response round every MS
+//! ztai-probe raw-recv    IPV4 --proto N [--proto M...] # AF_INET SOCK_RAW receivers, one per protocol
+//! ztai-probe raw-send    IPV4 --proto N [--bind IPV4[:0]] # one raw IPv4 packet of protocol N
 //! ```
 //!
 //! Sessions (`tcp-session` against `tcp-echo`, `udp-session` against `udp-echo` over a connected
@@ -32,6 +34,19 @@
 //! replaced by the real port), then `accepted <peer>` / `echo <peer> ok|err ...` per peer.
 //! IPv6 sockets are dual-stack (IPV6_V6ONLY=0), so `[::]:p` servers accept v4-mapped clients
 //! and `[::ffff:127.0.0.1]:p` is reached over an AF_INET6 socket.
+//!
+//! `--reset` (tcp-connect) closes with SO_LINGER {1, 0}: the connection ends with a RST and leaves
+//! no TIME_WAIT, so the same `--bind` address and port can open the same 4-tuple again at once
+//! (the socket also sets SO_REUSEADDR before binding).
+//!
+//! Raw IPv4 (`raw-recv`, `raw-send`): the receiver opens one `socket(AF_INET, SOCK_RAW, N)` per
+//! `--proto` (bound to IPV4 unless it is 0.0.0.0), prints `listening <IPV4> proto <N,M,...>`, and
+//! prints `recv <proto> <src ip> <payload>` per packet (the payload after the IP header, after the
+//! 8-byte ICMP header for protocol 1, as text). Whenever it wakes it drains its sockets in the
+//! order the protocols were given, so a packet of the first protocol queued before one of the
+//! second is always printed first. The sender sends one packet with the payload
+//! `ztai-probe raw <pid>` (for protocol 1 an ICMP echo request carrying it), prints
+//! `sent <bytes> bytes` and `ok`; with `--bind` first `bound <ip>:0`.
 //!
 //! Exit codes: 0 ok, 2 usage, 3 EPERM, 4 ECONNREFUSED, 5 other error, 6 no UDP reply in time,
 //! 7 TCP timeout (the handshake or a read did not complete within the deadline).
@@ -63,6 +78,12 @@ fn main() {
     if args.first().is_some_and(|c| c == "tcp-loop") {
         exit(tcp_loop(&args[1..]));
     }
+    // Raw modes take an IPv4 address without a port.
+    match args.first().map(String::as_str) {
+        Some("raw-recv") => exit(raw_recv(&args[1..])),
+        Some("raw-send") => exit(raw_send(&args[1..])),
+        _ => {}
+    }
     let Some((cmd, rest)) = args.split_first() else {
         usage("missing command")
     };
@@ -90,7 +111,9 @@ fn usage(msg: &str) -> ! {
     eprintln!(
         "ztai-probe: {msg}\nusage: ztai-probe tcp-listen|tcp-connect|udp-echo|udp-send|tcp-echo|tcp-session|udp-session \
          ADDR:PORT [--connect] [--expect-reply] [--bind ADDR:PORT] [--timeout-ms MS] [--count N] \
-         [--send-bytes K] [--rounds N] [--interval-ms MS]"
+         [--send-bytes K] [--rounds N] [--interval-ms MS] [--reset]\n       ztai-probe tcp-loop ADDR:PORT... \
+         [--timeout-ms MS] [--interval-ms MS] [--rounds N]\n       ztai-probe raw-recv IPV4 --proto N [--proto M...]\n       \
+         ztai-probe raw-send IPV4 --proto N [--bind IPV4]"
     );
     exit(EXIT_USAGE)
 }
@@ -106,6 +129,8 @@ struct Opts {
     rounds: u64,
     /// Sessions: time from the start of one round to the start of the next.
     interval: Duration,
+    /// tcp-connect: close with SO_LINGER {1, 0} (RST, no TIME_WAIT).
+    reset: bool,
 }
 
 impl Default for Opts {
@@ -119,6 +144,7 @@ impl Default for Opts {
             send_bytes: None,
             rounds: 10,
             interval: Duration::from_millis(50),
+            reset: false,
         }
     }
 }
@@ -141,6 +167,7 @@ impl Opts {
         while let Some(f) = it.next() {
             match f.as_str() {
                 "--connect" => o.connect = true,
+                "--reset" => o.reset = true,
                 "--expect-reply" => o.expect_reply = true,
                 "--bind" => {
                     let a = it.next().unwrap_or_else(|| usage("--bind needs ADDR:PORT"));
@@ -436,6 +463,29 @@ fn tcp_connect(addr: SocketAddr, opts: &Opts) -> i32 {
         Ok(fd) => fd,
         Err(e) => return fail("socket", &e),
     };
+    if opts.reset {
+        // Whatever way the socket is closed from here on (success, error, exit), it ends with a
+        // RST and leaves no TIME_WAIT; SO_REUSEADDR lets a rebind of the same port skip any
+        // other leftover of an earlier connection.
+        let linger = libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        };
+        // SAFETY: passing a pointer to a live linger with its size.
+        let set = cvt(unsafe {
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_LINGER,
+                &linger as *const _ as *const libc::c_void,
+                size_of::<libc::linger>() as _,
+            )
+        })
+        .and_then(|_| setsockopt_int(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_REUSEADDR, 1));
+        if let Err(e) = set {
+            return fail("setsockopt SO_LINGER/SO_REUSEADDR", &e);
+        }
+    }
     if let Some(b) = opts.bind {
         if let Err(e) = bind(fd.as_raw_fd(), &b) {
             return fail(&format!("bind {b}"), &e);
@@ -1148,4 +1198,208 @@ fn loop_clock_ns() -> u64 {
     // SAFETY: ts is valid storage; CLOCK_MONOTONIC always exists on Linux.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Options of `raw-recv` / `raw-send`: `IPV4 --proto N [--proto M...] [--bind IPV4]`.
+struct RawArgs {
+    addr: std::net::Ipv4Addr,
+    protos: Vec<u8>,
+    bind: Option<std::net::Ipv4Addr>,
+}
+
+fn raw_args(cmd: &str, args: &[String]) -> RawArgs {
+    let ipv4 = |a: &str, what: &str| -> std::net::Ipv4Addr {
+        a.parse()
+            .unwrap_or_else(|e| usage(&format!("{cmd}: bad {what} {a:?} (an IPv4 address): {e}")))
+    };
+    let Some((addr, flags)) = args.split_first() else {
+        usage(&format!("{cmd}: missing IPV4"))
+    };
+    let mut r = RawArgs {
+        addr: ipv4(addr, "IPV4"),
+        protos: Vec::new(),
+        bind: None,
+    };
+    let mut it = flags.iter();
+    while let Some(f) = it.next() {
+        match f.as_str() {
+            "--proto" => r.protos.push(number(&mut it, "--proto")),
+            "--bind" => {
+                let a = it.next().unwrap_or_else(|| usage("--bind needs IPV4"));
+                // `IP:0` too, as the tests' builder passes socket addresses.
+                r.bind = Some(ipv4(a.strip_suffix(":0").unwrap_or(a), "--bind"));
+            }
+            other => usage(&format!("unknown {cmd} option {other:?}")),
+        }
+    }
+    if r.protos.is_empty() {
+        usage(&format!("{cmd} needs --proto N"));
+    }
+    r
+}
+
+fn raw_socket(proto: u8) -> io::Result<OwnedFd> {
+    // SAFETY: socket(2); the fd is immediately owned.
+    let fd = cvt(unsafe {
+        libc::socket(
+            libc::AF_INET,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            libc::c_int::from(proto),
+        )
+    })?;
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// The printable form of a payload: text, anything else as '.'.
+fn printable(bytes: &[u8]) -> String {
+    bytes
+        .iter()
+        .map(|&b| {
+            if b.is_ascii_graphic() || b == b' ' {
+                b as char
+            } else {
+                '.'
+            }
+        })
+        .collect()
+}
+
+/// `raw-recv IPV4 --proto N [--proto M...]`: see the module docs.
+fn raw_recv(args: &[String]) -> i32 {
+    let a = raw_args("raw-recv", args);
+    let mut socks = Vec::new();
+    for &proto in &a.protos {
+        let fd = match raw_socket(proto) {
+            Ok(fd) => fd,
+            Err(e) => return fail(&format!("socket(AF_INET, SOCK_RAW, {proto})"), &e),
+        };
+        if !a.addr.is_unspecified()
+            && let Err(e) = bind(fd.as_raw_fd(), &SocketAddr::from((a.addr, 0)))
+        {
+            return fail(&format!("bind {}", a.addr), &e);
+        }
+        socks.push((proto, fd));
+    }
+    let list: Vec<String> = a.protos.iter().map(u8::to_string).collect();
+    say(&format!("listening {} proto {}", a.addr, list.join(",")));
+    let mut fds: Vec<libc::pollfd> = socks
+        .iter()
+        .map(|(_, fd)| libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    let mut buf = [0u8; 65536];
+    loop {
+        // SAFETY: `fds` is a live array of pollfds of the given length.
+        if unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) } < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return fail("poll", &e);
+        }
+        // Drain in the order given, whichever socket woke us.
+        for (proto, fd) in &socks {
+            loop {
+                // SAFETY: recv into a local buffer of the given length.
+                let n = unsafe {
+                    libc::recv(
+                        fd.as_raw_fd(),
+                        buf.as_mut_ptr().cast(),
+                        buf.len(),
+                        libc::MSG_DONTWAIT,
+                    )
+                };
+                if n < 0 {
+                    let e = io::Error::last_os_error();
+                    match e.kind() {
+                        io::ErrorKind::WouldBlock => break,
+                        io::ErrorKind::Interrupted => continue,
+                        _ => return fail(&format!("recv (proto {proto})"), &e),
+                    }
+                }
+                let pkt = &buf[..n as usize];
+                // An AF_INET raw socket receives the IP header too.
+                let ihl = pkt.first().map_or(0, |b| usize::from(b & 0x0f) * 4);
+                if pkt.len() < 20 || ihl < 20 || pkt.len() < ihl {
+                    say(&format!("recv {proto} ? short packet of {n} bytes"));
+                    continue;
+                }
+                let src = std::net::Ipv4Addr::new(pkt[12], pkt[13], pkt[14], pkt[15]);
+                let mut payload = &pkt[ihl..];
+                if *proto == 1 {
+                    payload = payload.get(8..).unwrap_or_default();
+                }
+                say(&format!("recv {proto} {src} {}", printable(payload)));
+            }
+        }
+    }
+}
+
+/// Internet checksum (RFC 1071) of `data`.
+fn inet_checksum(data: &[u8]) -> u16 {
+    let mut sum: u32 = data
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
+        .sum();
+    while sum >> 16 != 0 {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// `raw-send IPV4 --proto N [--bind IPV4]`: see the module docs.
+fn raw_send(args: &[String]) -> i32 {
+    let a = raw_args("raw-send", args);
+    if a.protos.len() != 1 {
+        usage("raw-send takes one --proto");
+    }
+    let proto = a.protos[0];
+    let fd = match raw_socket(proto) {
+        Ok(fd) => fd,
+        Err(e) => return fail(&format!("socket(AF_INET, SOCK_RAW, {proto})"), &e),
+    };
+    if let Some(b) = a.bind {
+        let b = SocketAddr::from((b, 0));
+        if let Err(e) = bind(fd.as_raw_fd(), &b) {
+            return fail(&format!("bind {b}"), &e);
+        }
+        say(&format!("bound {b}"));
+    }
+    let text = format!("ztai-probe raw {}", std::process::id());
+    let packet = if proto == 1 {
+        // ICMP echo request: type 8, code 0, checksum, identifier, sequence 1, then the text.
+        let mut p = vec![8, 0, 0, 0];
+        p.extend_from_slice(&(std::process::id() as u16).to_be_bytes());
+        p.extend_from_slice(&1u16.to_be_bytes());
+        p.extend_from_slice(text.as_bytes());
+        let sum = inet_checksum(&p);
+        p[2..4].copy_from_slice(&sum.to_be_bytes());
+        p
+    } else {
+        text.into_bytes()
+    };
+    let (ss, len) = to_sockaddr(&SocketAddr::from((a.addr, 0)));
+    // SAFETY: `packet` is a live buffer; ss/len describe a valid sockaddr.
+    let n = unsafe {
+        libc::sendto(
+            fd.as_raw_fd(),
+            packet.as_ptr().cast(),
+            packet.len(),
+            0,
+            &ss as *const _ as *const libc::sockaddr,
+            len,
+        )
+    };
+    if n < 0 {
+        return fail(
+            &format!("sendto {} (proto {proto})", a.addr),
+            &io::Error::last_os_error(),
+        );
+    }
+    say(&format!("sent {n} bytes"));
+    say("ok");
+    EXIT_OK
 }
