@@ -5,7 +5,7 @@
 //! Timings are measured on CLOCK_MONOTONIC in the test and in the probes (`ztai-probe
 //! tcp-session` / `udp-session` stamp every round), and printed (`--nocapture` shows them).
 //!
-//! Fixed policy ports of this file: 27522-27529, 27562-27564.
+//! Fixed policy ports of this file: 27522-27529, 27562-27564, 27568.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -211,7 +211,7 @@ fn a_policy_file_replaced_by_rename_is_picked_up_without_a_signal_and_so_is_an_i
 #[test]
 fn a_configmap_style_update_swapping_the_data_symlink_is_picked_up_without_a_restart() {
     require_agent!();
-    const PORT: u16 = 27591;
+    const PORT: u16 = 27568;
     let cg = TestCgroup::new();
     let (orch, inf) = (cg.child("orch"), cg.child("inf"));
     let v1 = segments(&cg);

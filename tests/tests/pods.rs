@@ -3,20 +3,26 @@
 //! namespaces' addresses. The agent rescans about every second, so every change (a new workload,
 //! a new address, a workload that exits) is awaited by polling with a deadline.
 //!
-//! Fixed policy ports of this file: 27560-27561 (inside the pods' own namespaces).
+//! Fixed policy ports of this file: 27560-27561 (inside the pods' own namespaces), 27617-27618
+//! (services in the host's namespace).
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use ztai_tests::{
-    Agent, Denial, PodNetwork, Policy, ProbeCmd, ProbeOutcome, TestCgroup, require_agent,
-    try_wait_until,
+    Agent, Denial, PodNetwork, Policy, ProbeCmd, ProbeOutcome, RemoteHost, TestCgroup,
+    require_agent, try_wait_until,
 };
 
 /// a -> b on this port only.
 const AB_PORT: u16 = 27560;
 /// a -> podnet (the pods' subnet as a cidr segment) on this port only.
 const PODNET_PORT: u16 = 27561;
+
+/// A labeled service in the host's namespace, allowed to the pod.
+const HOST_SERVICE_PORT: u16 = 27617;
+/// A labeled service in the host's namespace no rule opens to the pod.
+const HOST_DENIED_PORT: u16 = 27618;
 
 /// How long the agent may take to notice a change in another namespace (rescan ~1 s).
 const RESCAN_DEADLINE: Duration = Duration::from_secs(15);
@@ -236,6 +242,62 @@ fn pods_are_segments_by_address_new_addresses_are_learned_and_an_exited_workload
             dst_segment: "b",
             dst_addr: &ip_str(pod_b.v4()),
             dst_port: PODNET_PORT,
+        },
+    );
+}
+
+/// A pod-style workload (a labeled cgroup whose process lives in its own network namespace)
+/// reaching a labeled service in the host's namespace through one of the host's addresses is
+/// judged against that service's segment: the kernel's socket lookup only searches the caller's
+/// namespace, so the agent's table of bound sockets answers for the host's (exact address,
+/// wildcard, dual-stack wildcard).
+#[test]
+fn a_pod_reaching_a_host_namespace_service_through_a_host_address_gets_the_services_segment() {
+    require_agent!();
+    let remote = RemoteHost::new();
+    let cg = TestCgroup::new();
+    let (pod, inf, rag) = (cg.child("pod"), cg.child("inf"), cg.child("rag"));
+    let agent = Agent::start_ready(
+        &Policy::enforce(&cg)
+            .cgroups("orchestrator", &["pod"])
+            .cgroups("inference", &["inf"])
+            .cgroups("retrieval", &["rag"])
+            .allow("orchestrator", "inference", &[format!("{HOST_SERVICE_PORT}/tcp")]),
+        &cg,
+    );
+    // A dual-stack wildcard listener (reached over IPv4 and IPv6) and a v4 wildcard one.
+    let inf_server = ProbeCmd::tcp_listen(format!("[::]:{HOST_SERVICE_PORT}"))
+        .in_cgroup(&inf)
+        .spawn();
+    inf_server.wait_listening();
+    let rag_server = ProbeCmd::tcp_listen(format!("0.0.0.0:{HOST_DENIED_PORT}"))
+        .in_cgroup(&rag)
+        .spawn();
+    rag_server.wait_listening();
+    for host in [remote.host_v4(), remote.host_v6()] {
+        let out = ProbeCmd::tcp_connect(SocketAddr::new(host, HOST_SERVICE_PORT))
+            .in_cgroup(&pod)
+            .in_netns(remote.netns())
+            .run();
+        assert!(
+            out.is_ok(),
+            "pod (orchestrator) -> inference in the host namespace via {host}: {out}\n{}",
+            agent.diagnostics()
+        );
+    }
+    let host = remote.host_v4();
+    let out = ProbeCmd::tcp_connect(SocketAddr::new(host, HOST_DENIED_PORT))
+        .in_cgroup(&pod)
+        .in_netns(remote.netns())
+        .run();
+    agent.expect_denied(
+        &out,
+        &Denial {
+            proto: "tcp",
+            src_segment: "orchestrator",
+            dst_segment: "retrieval",
+            dst_addr: &ip_str(host),
+            dst_port: HOST_DENIED_PORT,
         },
     );
 }

@@ -169,12 +169,42 @@ fn owner_of_local_destination<C: EbpfContext>(
     }
 }
 
+/// The owner of a listener in the host's network namespace that a caller in
+/// another namespace (a pod-style workload) reaches through one of the host's
+/// addresses. The kernel's socket lookup only searches the caller's own
+/// namespace, so the bound-socket table is asked, as the host's stack would
+/// deliver: the exact address first, then the wildcard of its family, then a
+/// dual-stack IPv6 wildcard. No recorded listener: `host`.
+#[inline(always)]
+fn owner_of_host_listener(generation: u8, host_netns: u64, proto: u8, daddr: &Addr, dport: u16) -> SegmentId {
+    let v4 = is_v4_mapped(daddr);
+    let family = if v4 { AF_INET } else { AF_INET6 } as u8;
+    let key = |family: u16, addr: Addr| SocketKey { netns_cookie: host_netns, addr, port: dport, family: family as u8, proto, _pad: 0 };
+    let candidates = [
+        key(family as u16, *daddr),
+        key(family as u16, if v4 { v4_mapped(0) } else { [0; 4] }),
+        key(AF_INET6, [0; 4]),
+    ];
+    let tries = if v4 { 3 } else { 2 };
+    let mut i = 0;
+    while i < tries {
+        if let Some(owner) = unsafe { SOCKET_OWNERS.get(&candidates[i]) } {
+            return cgroup_segment(generation, owner.cgroup_id, owner.segment);
+        }
+        i += 1;
+    }
+    SEGMENT_HOST
+}
+
 /// Segment of a destination: the owner of the local socket for this host's
-/// addresses, else the longest matching cidrs prefix, else `world`.
+/// addresses (also when the caller is a workload in its own network namespace
+/// reaching the host through one of them), else the longest matching cidrs
+/// prefix, else `world`.
 #[inline(always)]
 pub fn destination_segment<C: EbpfContext>(
     ctx: &C,
     netns_cookie: u64,
+    host_netns: u64,
     generation: u8,
     proto: u8,
     daddr: &Addr,
@@ -182,6 +212,9 @@ pub fn destination_segment<C: EbpfContext>(
 ) -> SegmentId {
     if is_local(netns_cookie, daddr) {
         return owner_of_local_destination(ctx, generation, netns_cookie, proto, daddr, dport);
+    }
+    if host_netns != 0 && host_netns != netns_cookie && is_local(host_netns, daddr) {
+        return owner_of_host_listener(generation, host_netns, proto, daddr, dport);
     }
     remote_segment(generation, daddr)
 }

@@ -87,9 +87,9 @@ pub fn authorize_egress<const V6: bool>(ctx: &SockAddrContext, hook: u8) -> i32 
     let sa = ctx.sock_addr;
     let sk: *const bpf_sock = unsafe { (*sa).__bindgen_anon_1.sk };
     let proto = read_u32(unsafe { &(*sa).protocol }) as u8;
-    let (generation, config_flags) = match CONFIG.get(0) {
-        Some(c) => (ztai_common::generation_slot(c.active_gen), c.flags),
-        None => (0, 0),
+    let (generation, config_flags, host_netns) = match CONFIG.get(0) {
+        Some(c) => (ztai_common::generation_slot(c.active_gen), c.flags, c.host_netns_cookie),
+        None => (0, 0, 0),
     };
     let (src, cgroup_id) = current_segment(generation);
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
@@ -141,7 +141,7 @@ pub fn authorize_egress<const V6: bool>(ctx: &SockAddrContext, hook: u8) -> i32 
         return PASS;
     }
 
-    let dst = destination_segment(ctx, netns, generation, proto, &daddr, dport);
+    let dst = destination_segment(ctx, netns, host_netns, generation, proto, &daddr, dport);
     flow.dst_segment = dst;
     let mut v = unless_labels_incomplete(decide(generation, src, dst, proto, dport), src, dst, config_flags);
 
