@@ -45,52 +45,45 @@ enum Parsed {
     Other,
     /// Anything else: a protocol no rule can name (SCTP, GRE, …) or TCP/UDP
     /// whose ports we cannot read (IPv6 extension headers). A labeled
-    /// receiver drops it.
-    Unparseable,
-}
-
-#[inline(always)]
-fn load_words(ctx: &SkBuffContext, offset: usize) -> Option<Addr> {
-    let mut a = [0u32; 4];
-    let mut i = 0;
-    while i < 4 {
-        a[i] = ctx.load::<u32>(offset + i * 4).ok()?;
-        i += 1;
-    }
-    Some(a)
+    /// receiver drops it. Carries what could be read (addresses, protocol;
+    /// no ports), for the report.
+    Unparseable(TupleKey),
 }
 
 #[inline(always)]
 fn parse(ctx: &SkBuffContext) -> Parsed {
     let skb = ctx.skb.skb;
     let protocol = u16::from_be(unsafe { core::ptr::read_volatile(&(*skb).protocol) } as u16);
+    let unknown = Parsed::Unparseable(TupleKey::default());
     let (proto, saddr, daddr, l4) = if protocol == ETH_P_IP {
-        let Ok(vihl) = ctx.load::<u8>(0) else { return Parsed::Unparseable };
-        let Ok(proto) = ctx.load::<u8>(9) else { return Parsed::Unparseable };
-        let (Ok(s), Ok(d)) = (ctx.load::<u32>(12), ctx.load::<u32>(16)) else { return Parsed::Unparseable };
+        let Ok(vihl) = ctx.load::<u8>(0) else { return unknown };
+        let Ok(proto) = ctx.load::<u8>(9) else { return unknown };
+        let (Ok(s), Ok(d)) = (ctx.load::<u32>(12), ctx.load::<u32>(16)) else { return unknown };
         (proto, v4_mapped(s), v4_mapped(d), ((vihl & 0x0f) as usize) * 4)
     } else if protocol == ETH_P_IPV6 {
-        let Ok(next) = ctx.load::<u8>(6) else { return Parsed::Unparseable };
-        if next != PROTO_TCP && next != PROTO_UDP {
-            // ICMPv6 is ICMP; any other next header may hide TCP/UDP behind
-            // extension headers, which we do not walk.
-            return if next == IPPROTO_ICMPV6 { Parsed::Other } else { Parsed::Unparseable };
+        let Ok(next) = ctx.load::<u8>(6) else { return unknown };
+        if next == IPPROTO_ICMPV6 {
+            return Parsed::Other;
         }
-        let (Some(s), Some(d)) = (load_words(ctx, 8), load_words(ctx, 24)) else { return Parsed::Unparseable };
-        (next, s, d, 40)
+        // Both addresses in one load (one helper call, not eight).
+        let Ok(a) = ctx.load::<[u32; 8]>(8) else { return unknown };
+        (next, [a[0], a[1], a[2], a[3]], [a[4], a[5], a[6], a[7]], 40)
     } else {
         return Parsed::Other;
     };
+    // Whatever is not TCP/UDP (any IPv6 next header but those may hide
+    // TCP/UDP behind extension headers, which we do not walk).
+    let unjudgeable = Parsed::Unparseable(TupleKey { saddr, daddr, sport: 0, dport: 0, proto, _pad: [0; 3] });
     if proto != PROTO_TCP && proto != PROTO_UDP {
-        return if proto == IPPROTO_ICMP { Parsed::Other } else { Parsed::Unparseable };
+        return if proto == IPPROTO_ICMP { Parsed::Other } else { unjudgeable };
     }
     let (Ok(sport), Ok(dport)) = (ctx.load::<u16>(l4), ctx.load::<u16>(l4 + 2)) else {
-        return Parsed::Unparseable;
+        return unjudgeable;
     };
     let opens = proto == PROTO_TCP
         && match ctx.load::<u8>(l4 + 13) {
             Ok(flags) => flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN,
-            Err(_) => return Parsed::Unparseable,
+            Err(_) => return unjudgeable,
         };
     // A GSO packet stands for several on the wire.
     let segs = unsafe { core::ptr::read_volatile(&(*skb).gso_segs) };
@@ -312,7 +305,7 @@ pub fn ingress(ctx: &SkBuffContext) -> i32 {
     let p = match parse(ctx) {
         Parsed::Packet(p) => p,
         Parsed::Other => return PASS,
-        Parsed::Unparseable => return judge_unparseable(ctx),
+        Parsed::Unparseable(tuple) => return judge_unparseable(ctx, tuple),
     };
     // A SYN follows an entry only when its own initiator's egress just made
     // it; else it is a new connection reusing an old 4-tuple, judged below.
@@ -397,15 +390,19 @@ fn report_ingress(p: &Packet, src: u32, dst: u32, cgroup_id: u64, verdict: u8, r
 /// A protocol no rule names, or TCP/UDP we cannot read: a labeled receiver
 /// drops it (fail closed).
 #[inline(always)]
-fn judge_unparseable(ctx: &SkBuffContext) -> i32 {
+fn judge_unparseable(ctx: &SkBuffContext, tuple: TupleKey) -> i32 {
     let generation = live_policy().map(|(slot, _)| slot).unwrap_or(0);
     let (dst, cgroup_id) = skb_segment(ctx, generation);
     if dst == SEGMENT_HOST {
         return PASS;
     }
-    let v = deny_or_audit(generation, SEGMENT_HOST, dst, REASON_UNPARSEABLE);
-    let p = Packet { tuple: TupleKey::default(), bytes: ctx.len() as u64, packets: 1, opens: false };
-    report_ingress(&p, ztai_common::SEGMENT_WORLD, dst, cgroup_id, v.verdict, v.reason, false);
+    // Addresses unread (a truncated header): no sender known, and no folding,
+    // so distinct senders never fold together.
+    let known = tuple.saddr != [0; 4];
+    let src = if known { sender_segment(generation, &tuple.saddr) } else { ztai_common::SEGMENT_WORLD };
+    let v = deny_or_audit(generation, src, dst, REASON_UNPARSEABLE);
+    let p = Packet { tuple, bytes: ctx.len() as u64, packets: 1, opens: false };
+    report_ingress(&p, src, dst, cgroup_id, v.verdict, v.reason, known);
     if v.verdict == VERDICT_AUDIT {
         count(COUNTER_AUDITED);
         return PASS;
