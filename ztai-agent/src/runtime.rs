@@ -1,8 +1,7 @@
 //! The event loop: set up the datapath, keep labels and local addresses in
 //! step with the node, turn kernel events into reports, clean up on signals.
 use std::{
-    collections::HashMap,
-    io::Write as _,
+    collections::{HashMap, HashSet},
     path::PathBuf,
     time::Duration,
 };
@@ -129,6 +128,9 @@ struct NodeAddresses {
     netns_cookie: u64,
     host: std::collections::BTreeSet<std::net::IpAddr>,
     workloads: Vec<workloads::WorkloadNetns>,
+    /// `host` and `workloads` as last written to the kernel: the tick
+    /// rewrites nothing, and warns of nothing again, while they stay the same.
+    applied: Option<(std::collections::BTreeSet<std::net::IpAddr>, Vec<workloads::WorkloadNetns>)>,
 }
 
 impl NodeAddresses {
@@ -136,7 +138,14 @@ impl NodeAddresses {
         self.workloads = workloads::scan(&root.mount, scanned);
     }
 
-    fn apply(&self, datapath: &mut Datapath) -> Result<(), RuntimeError> {
+    fn is_applied(&self) -> bool {
+        self.applied.as_ref().is_some_and(|(host, workloads)| *host == self.host && *workloads == self.workloads)
+    }
+
+    fn apply(&mut self, datapath: &mut Datapath) -> Result<(), RuntimeError> {
+        if self.is_applied() {
+            return Ok(());
+        }
         let mut local: std::collections::BTreeSet<_> =
             self.host.iter().map(|ip| local_addr_key(self.netns_cookie, *ip)).collect();
         for ns in &self.workloads {
@@ -148,6 +157,8 @@ impl NodeAddresses {
             warn!(addr = ip.to_string(); "address belongs to workloads of several segments; it identifies none of them");
         }
         datapath.sync_workload_addrs(&by_addr)?;
+        // Only once written: a failed write is retried on the next call.
+        self.applied = Some((self.host.clone(), self.workloads.clone()));
         Ok(())
     }
 }
@@ -286,6 +297,7 @@ struct Enforcer {
     /// The live policy's selectors, with each cgroup's answer remembered.
     matcher: cgroups::SegmentMatcher,
     names: NameTable,
+    misses: CgroupMisses,
     node: NodeAddresses,
     reload_errors: u64,
 }
@@ -320,7 +332,8 @@ impl Enforcer {
             labels: Labels { current, slot: slot_of(adopted.unwrap_or(generation)), failures: 0 },
             matcher: cgroups::SegmentMatcher::new(&policy_for_matcher),
             names: NameTable::default(),
-            node: NodeAddresses { netns_cookie, host, workloads: Vec::new() },
+            misses: CgroupMisses::default(),
+            node: NodeAddresses { netns_cookie, host, workloads: Vec::new(), applied: None },
             reload_errors: 0,
         };
         e.datapath.set_host_netns(netns_cookie)?;
@@ -337,7 +350,7 @@ impl Enforcer {
         e.labels.slot = slot_of(generation);
         e.node.refresh_workloads(&e.root, &scanned);
         e.node.apply(&mut e.datapath)?;
-        e.names = names_for(&e.ids, &scanned);
+        e.set_names(&scanned);
         Ok(e)
     }
 
@@ -345,12 +358,24 @@ impl Enforcer {
         Ok(cgroups::scan_with(&self.root, &mut self.matcher)?)
     }
 
+    /// Names from a full scan; ids earlier scans missed get another chance.
+    fn set_names(&mut self, scanned: &[LabeledCgroup]) {
+        self.names = names_for(&self.ids, scanned);
+        self.misses.clear();
+    }
+
+    /// Learns the path of an event's cgroup newer than the last scan.
+    fn name_cgroup(&mut self, id: u64) {
+        let Self { misses, names, root, matcher, ids, .. } = self;
+        misses.resolve(id, names, || cgroups::scan_with(root, matcher).ok().map(|fresh| names_for(ids, &fresh)));
+    }
+
     /// Labels new cgroups, forgets removed ones.
     fn relabel(&mut self) -> Result<(), RuntimeError> {
         match self.scan() {
             Ok(scanned) => {
                 let relabeled = self.labels.apply(&mut self.datapath, &self.policy, &scanned, None)?;
-                self.names = names_for(&self.ids, &scanned);
+                self.set_names(&scanned);
                 if relabeled {
                     self.revalidate_connections()?;
                 }
@@ -381,7 +406,7 @@ impl Enforcer {
                 let relabeled = self.labels.apply(&mut self.datapath, &self.policy, &scanned, None)?;
                 self.node.refresh_workloads(&self.root, &scanned);
                 self.node.apply(&mut self.datapath)?;
-                self.names = names_for(&self.ids, &scanned);
+                self.set_names(&scanned);
                 if relabeled {
                     self.revalidate_connections()?;
                 }
@@ -460,7 +485,7 @@ impl Enforcer {
         self.policy = policy;
         self.matcher = matcher;
         self.policy_text = text;
-        self.names = names_for(&self.ids, &scanned);
+        self.set_names(&scanned);
         // Workload addresses follow at once, in both slots.
         self.node.refresh_workloads(&self.root, &scanned);
         self.node.apply(&mut self.datapath)?;
@@ -517,11 +542,63 @@ fn names_for(ids: &SegmentIds, cgroups: &[LabeledCgroup]) -> NameTable {
     NameTable { segments, cgroups: cgroups.iter().map(|c| (c.id, format!("/{}", c.rel_path))).collect() }
 }
 
-fn write_report_line(line: &str) {
-    let mut out = std::io::stdout().lock();
-    if writeln!(out, "{line}").and_then(|_| out.flush()).is_err() {
-        // stdout gone (closed pipe): keep enforcing, say it once per event on stderr.
-        error!(event = line; "cannot write violation report to stdout");
+/// Ring-buffer records handled per wake-up: a storm must not keep signals,
+/// reloads and the rescan tick waiting, nor hold its lines back for long.
+const EVENT_BATCH: usize = 4096;
+
+/// Report bytes written at once within a batch: a whole batch of lines
+/// would be megabytes of buffer for no fewer system calls worth having.
+const REPORT_CHUNK: usize = 64 * 1024;
+
+/// Cgroup ids that events named but a scan did not find (a socket can
+/// outlive its cgroup), so a flood from one costs one scan per rebuild of
+/// the names (each tick) rather than one per batch.
+#[derive(Debug, Default)]
+struct CgroupMisses {
+    missed: HashSet<u64>,
+    /// A scan ran for the current batch already: at most one per batch.
+    scanned: bool,
+}
+
+impl CgroupMisses {
+    fn new_batch(&mut self) {
+        self.scanned = false;
+    }
+
+    fn clear(&mut self) {
+        self.missed.clear();
+    }
+
+    /// Gives `names` the path of cgroup `id` if `rescan` (fresh names, None
+    /// if the scan failed) can, unless `id` is known, was missed already, or
+    /// this batch scanned once.
+    fn resolve(&mut self, id: u64, names: &mut NameTable, rescan: impl FnOnce() -> Option<NameTable>) {
+        if self.scanned || names.cgroups.contains_key(&id) || self.missed.contains(&id) {
+            return;
+        }
+        self.scanned = true;
+        if let Some(fresh) = rescan() {
+            *names = fresh;
+        }
+        // Also after a failed scan: retrying it per batch is the cost avoided.
+        if !names.cgroups.contains_key(&id) {
+            self.missed.insert(id);
+        }
+    }
+}
+
+fn write_reports(batch: &mut report::LineBatch) {
+    if batch.is_empty() {
+        return;
+    }
+    if let Err(e) = batch.write_to(&mut std::io::stdout().lock()) {
+        // stdout gone (closed pipe): keep enforcing, say each lost line on stderr.
+        if e.unwritten.is_empty() {
+            error!(error = e.source.to_string(); "cannot write violation report to stdout");
+        }
+        for line in &e.unwritten {
+            error!(event = line.as_str(); "cannot write violation report to stdout");
+        }
     }
 }
 
@@ -594,6 +671,7 @@ pub async fn run(config: RunConfig) -> Result<(), RuntimeError> {
     let mut watcher = register(watcher, "cannot register the cgroup watcher")?;
     let events = enforcer.datapath.take_events()?;
     let mut events = register(events, "cannot register the event ring buffer")?;
+    let mut reports = report::LineBatch::default();
 
     let first = enforcer.snapshot();
     metrics_state.update(&first);
@@ -655,20 +733,29 @@ pub async fn run(config: RunConfig) -> Result<(), RuntimeError> {
             guard = events.readable_mut() => {
                 let mut guard = guard.map_err(io_err("event ring buffer poll failed"))?;
                 let ring = guard.get_inner_mut();
-                let mut unknown_cgroup = false;
-                while let Some(item) = ring.next() {
+                let clock = report::Clock::now();
+                enforcer.misses.new_batch();
+                let mut handled = 0;
+                while handled < EVENT_BATCH {
+                    let Some(item) = ring.next() else { break };
+                    handled += 1;
                     if let Some(ev) = report::parse_event(&item) {
-                        if !enforcer.names.cgroups.contains_key(&ev.cgroup_id) && !unknown_cgroup {
-                            // A cgroup newer than the last scan: learn its path now.
-                            unknown_cgroup = true;
-                            if let Ok(fresh) = enforcer.scan() {
-                                enforcer.names = names_for(&enforcer.ids, &fresh);
-                            }
+                        enforcer.name_cgroup(ev.cgroup_id);
+                        reports.push(&report::render(&ev, &enforcer.names, &clock));
+                        if reports.len() >= REPORT_CHUNK {
+                            write_reports(&mut reports);
                         }
-                        write_report_line(&report::render(&ev, &enforcer.names).to_string());
                     }
                 }
-                guard.clear_ready();
+                write_reports(&mut reports);
+                if handled < EVENT_BATCH {
+                    guard.clear_ready();
+                } else {
+                    // The ring may hold more, and the kernel does not wake a
+                    // consumer that has not caught up: stay ready, so this
+                    // branch runs again once the others had their turn.
+                    guard.retain_ready();
+                }
             }
             guard = address_events.readable() => {
                 let mut guard = guard.map_err(io_err("rtnetlink poll failed"))?;
@@ -733,3 +820,90 @@ pub async fn run(config: RunConfig) -> Result<(), RuntimeError> {
     Ok(())
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::report::Names as _;
+
+    fn names(known: &[u64]) -> NameTable {
+        NameTable { segments: Vec::new(), cgroups: known.iter().map(|id| (*id, format!("/cg{id}"))).collect() }
+    }
+
+    #[test]
+    fn an_unknown_cgroup_costs_one_scan_until_the_names_are_rebuilt() {
+        let mut misses = CgroupMisses::default();
+        let mut table = names(&[1]);
+        let mut scans = 0;
+        for _batch in 0..3 {
+            misses.new_batch();
+            for id in [1, 7, 7] {
+                misses.resolve(id, &mut table, || {
+                    scans += 1;
+                    Some(names(&[1]))
+                });
+            }
+        }
+        assert_eq!(scans, 1, "a known id never scans; a missed one only once");
+        // The tick rebuilt the names: the id gets one more chance.
+        misses.clear();
+        misses.new_batch();
+        misses.resolve(7, &mut table, || {
+            scans += 1;
+            None
+        });
+        assert_eq!(scans, 2);
+        misses.new_batch();
+        misses.resolve(7, &mut table, || {
+            scans += 1;
+            None
+        });
+        assert_eq!(scans, 2, "a failed scan is not retried per batch either");
+    }
+
+    #[test]
+    fn a_scan_that_finds_the_cgroup_names_it() {
+        let mut misses = CgroupMisses::default();
+        let mut table = names(&[]);
+        misses.new_batch();
+        misses.resolve(5, &mut table, || Some(names(&[5])));
+        assert_eq!(table.cgroup_path(5).as_deref(), Some("/cg5"));
+        assert!(misses.missed.is_empty());
+    }
+
+    #[test]
+    fn one_scan_per_batch_for_distinct_unknown_ids_each_missed_at_most_once() {
+        let mut misses = CgroupMisses::default();
+        let mut table = names(&[]);
+        let mut scans = 0;
+        for _batch in 0..4 {
+            misses.new_batch();
+            for id in [8, 9] {
+                misses.resolve(id, &mut table, || {
+                    scans += 1;
+                    Some(names(&[]))
+                });
+            }
+        }
+        // Batch 1 scans for 8, batch 2 for 9, then neither again.
+        assert_eq!(scans, 2);
+    }
+
+    #[test]
+    fn addresses_are_written_again_only_after_a_change() {
+        let mut node = NodeAddresses {
+            netns_cookie: 1,
+            host: ["192.0.2.1".parse().unwrap()].into_iter().collect(),
+            workloads: Vec::new(),
+            applied: None,
+        };
+        assert!(!node.is_applied());
+        node.applied = Some((node.host.clone(), node.workloads.clone()));
+        assert!(node.is_applied());
+        node.workloads.push(workloads::WorkloadNetns {
+            cookie: 2,
+            addrs: ["198.18.0.2".parse().unwrap()].into_iter().collect(),
+            segments: [3].into_iter().collect(),
+        });
+        assert!(!node.is_applied());
+    }
+}

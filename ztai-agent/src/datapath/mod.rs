@@ -2,7 +2,7 @@
 //! compiled policy and labels into its maps, attach its programs.
 mod addr;
 
-use std::{collections::BTreeSet, fs::File, net::IpAddr, path::{Path, PathBuf}};
+use std::{collections::{BTreeMap, BTreeSet}, fs::File, net::IpAddr, path::{Path, PathBuf}};
 
 use aya::{
     Ebpf, EbpfLoader,
@@ -97,6 +97,9 @@ pub struct Datapath {
     kernel_log: Option<KernelLog>,
     config: Config,
     local_addrs: BTreeSet<LocalAddrKey>,
+    /// What `WORKLOAD_ADDRS` holds, so a sync writes only differences
+    /// instead of reading the whole map back.
+    workload_addrs: BTreeMap<[u32; 4], CgroupLabel>,
 }
 
 /// Refuses pinned maps written with another map layout, before aya reuses
@@ -202,10 +205,12 @@ impl Datapath {
             kernel_log,
             config: Config::default(),
             local_addrs: BTreeSet::new(),
+            workload_addrs: BTreeMap::new(),
         };
         // Adopted maps hold a previous agent's state: start from it.
         dp.config = dp.read_config()?;
         dp.local_addrs = dp.present_keys::<LocalAddrKey, u32>(m::LOCAL_ADDRS)?.into_iter().collect();
+        dp.workload_addrs = dp.present_entries(m::WORKLOAD_ADDRS)?.into_iter().collect();
         Ok(dp)
     }
 
@@ -221,6 +226,12 @@ impl Datapath {
         Ok(h.keys().filter_map(Result::ok).collect())
     }
 
+    fn present_entries<K: aya::Pod, V: aya::Pod>(&self, name: &'static str) -> Result<Vec<(K, V)>, DatapathError> {
+        let map = self.ebpf.map(name).ok_or(DatapathError::MissingMap(name))?;
+        let h: HashMap<_, K, V> = HashMap::try_from(map).map_err(map_err(name, "open"))?;
+        Ok(h.iter().filter_map(Result::ok).collect())
+    }
+
     /// Generation number a previous agent left live in pinned maps.
     pub fn adopted_generation(&self) -> Option<u32> {
         (self.config.flags & CONFIG_FLAG_POLICY_LOADED != 0).then_some(self.config.active_gen)
@@ -228,9 +239,7 @@ impl Datapath {
 
     /// Labels a previous agent left in pinned maps.
     pub fn adopted_labels(&self) -> Result<std::collections::HashMap<u64, CgroupLabel>, DatapathError> {
-        let map = self.ebpf.map(m::CGROUP_LABELS).ok_or(DatapathError::MissingMap(m::CGROUP_LABELS))?;
-        let h: HashMap<_, u64, CgroupLabel> = HashMap::try_from(map).map_err(map_err(m::CGROUP_LABELS, "open"))?;
-        Ok(h.iter().filter_map(Result::ok).collect())
+        Ok(self.present_entries(m::CGROUP_LABELS)?.into_iter().collect())
     }
 
     fn map_mut(&mut self, name: &'static str) -> Result<&mut aya::maps::Map, DatapathError> {
@@ -599,22 +608,29 @@ impl Datapath {
 
     /// Makes the kernel's workload-address map equal `wanted` (addresses of
     /// labeled workloads living in their own network namespaces).
-    pub fn sync_workload_addrs(&mut self, wanted: &std::collections::BTreeMap<IpAddr, SegmentId>) -> Result<(), DatapathError> {
-        let mut map: HashMap<_, [u32; 4], CgroupLabel> =
-            HashMap::try_from(self.map_mut(m::WORKLOAD_ADDRS)?).map_err(map_err(m::WORKLOAD_ADDRS, "open"))?;
-        let want: std::collections::BTreeMap<[u32; 4], CgroupLabel> =
+    pub fn sync_workload_addrs(&mut self, wanted: &BTreeMap<IpAddr, SegmentId>) -> Result<(), DatapathError> {
+        let want: BTreeMap<[u32; 4], CgroupLabel> =
             wanted.iter().map(|(ip, seg)| (words_from_ip(*ip), CgroupLabel::same(*seg))).collect();
-        let present: Vec<[u32; 4]> = map.keys().filter_map(Result::ok).collect();
-        for k in present.iter().filter(|k| !want.contains_key(*k)) {
-            match map.remove(k) {
+        let (gone, changed) = map_diff(&self.workload_addrs, &want);
+        if gone.is_empty() && changed.is_empty() {
+            return Ok(());
+        }
+        let mut map: HashMap<_, [u32; 4], CgroupLabel> = HashMap::try_from(
+            self.ebpf.map_mut(m::WORKLOAD_ADDRS).ok_or(DatapathError::MissingMap(m::WORKLOAD_ADDRS))?,
+        )
+        .map_err(map_err(m::WORKLOAD_ADDRS, "open"))?;
+        // The mirror follows each write, so after an error it still says
+        // what the map holds and the next sync retries the rest.
+        for k in gone {
+            match map.remove(&k) {
                 Ok(()) | Err(MapError::KeyNotFound) => {}
                 Err(e) => return Err(map_err(m::WORKLOAD_ADDRS, "remove")(e)),
             }
+            self.workload_addrs.remove(&k);
         }
-        for (k, label) in &want {
-            if map.get(k, 0).ok() != Some(*label) {
-                map.insert(k, label, 0).map_err(map_err(m::WORKLOAD_ADDRS, "insert"))?;
-            }
+        for (k, label) in changed {
+            map.insert(k, label, 0).map_err(map_err(m::WORKLOAD_ADDRS, "insert"))?;
+            self.workload_addrs.insert(k, label);
         }
         Ok(())
     }
@@ -626,6 +642,13 @@ impl Datapath {
         let values = arr.get(&index, 0).map_err(map_err(m::COUNTERS, "get"))?;
         Ok(values.iter().sum())
     }
+}
+
+/// Keys to remove and entries to (over)write to turn `current` into `wanted`.
+fn map_diff<K: Ord + Copy, V: PartialEq + Copy>(current: &BTreeMap<K, V>, wanted: &BTreeMap<K, V>) -> (Vec<K>, Vec<(K, V)>) {
+    let gone = current.keys().filter(|k| !wanted.contains_key(*k)).copied().collect();
+    let changed = wanted.iter().filter(|(k, v)| current.get(*k) != Some(*v)).map(|(k, v)| (*k, *v)).collect();
+    (gone, changed)
 }
 
 /// `NAME=N` → a map of ours and its new size (for small-scale tests of the
@@ -720,4 +743,18 @@ fn lock_pin_dir(dir: &Path) -> Result<File, DatapathError> {
         return Err(DatapathError::PinDirBusy { path: dir.to_path_buf() });
     }
     Ok(f)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_sync_writes_only_what_differs() {
+        let current: BTreeMap<u8, u32> = [(1, 10), (2, 20), (3, 30)].into_iter().collect();
+        let wanted: BTreeMap<u8, u32> = [(2, 20), (3, 31), (4, 40)].into_iter().collect();
+        assert_eq!(map_diff(&current, &wanted), (vec![1], vec![(3, 31), (4, 40)]));
+        assert_eq!(map_diff(&wanted, &wanted), (vec![], vec![]));
+        assert_eq!(map_diff(&BTreeMap::new(), &wanted).1.len(), 3);
+    }
 }

@@ -1,5 +1,5 @@
 //! Kernel violation events → one JSON line each on stdout.
-use std::{collections::HashMap, net::IpAddr};
+use std::{collections::HashMap, io::Write, net::IpAddr};
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde_json::{Value, json};
@@ -23,16 +23,29 @@ fn clock_ns(clock: libc::clockid_t) -> i128 {
     ts.tv_sec as i128 * 1_000_000_000 + ts.tv_nsec as i128
 }
 
-/// Wall-clock time of a `bpf_ktime_get_ns` (CLOCK_MONOTONIC) stamp.
-fn wall_time_of(ktime_ns: u64) -> String {
-    let now_wall = clock_ns(libc::CLOCK_REALTIME);
-    let now_mono = clock_ns(libc::CLOCK_MONOTONIC);
-    let wall = now_wall - (now_mono - ktime_ns as i128);
-    let secs = wall.div_euclid(1_000_000_000) as i64;
-    let nanos = wall.rem_euclid(1_000_000_000) as u32;
-    DateTime::<Utc>::from_timestamp(secs, nanos)
-        .unwrap_or_else(Utc::now)
-        .to_rfc3339_opts(SecondsFormat::Micros, true)
+/// CLOCK_REALTIME minus CLOCK_MONOTONIC, read once per batch of events
+/// rather than twice per event.
+#[derive(Debug, Clone, Copy)]
+pub struct Clock {
+    realtime_minus_monotonic_ns: i128,
+}
+
+impl Clock {
+    pub fn now() -> Self {
+        let wall = clock_ns(libc::CLOCK_REALTIME);
+        let mono = clock_ns(libc::CLOCK_MONOTONIC);
+        Self { realtime_minus_monotonic_ns: wall - mono }
+    }
+
+    /// Wall-clock time of a `bpf_ktime_get_ns` (CLOCK_MONOTONIC) stamp.
+    fn wall_time_of(&self, ktime_ns: u64) -> String {
+        let wall = self.realtime_minus_monotonic_ns + ktime_ns as i128;
+        let secs = wall.div_euclid(1_000_000_000) as i64;
+        let nanos = wall.rem_euclid(1_000_000_000) as u32;
+        DateTime::<Utc>::from_timestamp(secs, nanos)
+            .unwrap_or_else(Utc::now)
+            .to_rfc3339_opts(SecondsFormat::Micros, true)
+    }
 }
 
 pub fn proto_name(proto: u8) -> &'static str {
@@ -120,7 +133,7 @@ pub fn reason_text(ev: &ViolationEvent, names: &dyn Names) -> String {
     }
 }
 
-pub fn render(ev: &ViolationEvent, names: &dyn Names) -> Value {
+pub fn render(ev: &ViolationEvent, names: &dyn Names, clock: &Clock) -> Value {
     let verdict = match ev.verdict {
         VERDICT_DENY => "deny",
         VERDICT_AUDIT => "audit",
@@ -132,7 +145,7 @@ pub fn render(ev: &ViolationEvent, names: &dyn Names) -> Value {
         // Packet context: the sender is an address, the receiver our cgroup;
         // no task is known (the kernel was in softirq).
         let mut line = json!({
-            "ts": wall_time_of(ev.ts_ns),
+            "ts": clock.wall_time_of(ev.ts_ns),
             "verdict": verdict,
             "direction": direction,
             "proto": proto_name(ev.proto),
@@ -163,7 +176,7 @@ pub fn render(ev: &ViolationEvent, names: &dyn Names) -> Value {
     // Events raised in packet context name no task.
     let has_task = ev.pid_tgid != 0;
     json!({
-        "ts": wall_time_of(ev.ts_ns),
+        "ts": clock.wall_time_of(ev.ts_ns),
         "verdict": verdict,
         "direction": direction,
         "proto": proto_name(ev.proto),
@@ -185,6 +198,70 @@ pub fn render(ev: &ViolationEvent, names: &dyn Names) -> Value {
         "reason": reason_text(ev, names),
         "hook": hook_name(ev.hook),
     })
+}
+
+/// Report lines gathered for one lock, write(2) and flush of stdout instead
+/// of one of each per line. The runtime writes it at the end of every batch
+/// of events (so no line waits for the next wake-up) and whenever it grows
+/// large; the allocation is kept.
+#[derive(Debug, Default)]
+pub struct LineBatch {
+    buf: Vec<u8>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("cannot write violation reports")]
+pub struct WriteError {
+    #[source]
+    pub source: std::io::Error,
+    /// Lines not known to have been written, for saying them elsewhere.
+    pub unwritten: Vec<String>,
+}
+
+impl LineBatch {
+    pub fn push(&mut self, line: &Value) {
+        let start = self.buf.len();
+        // Into a Vec this only fails for maps with non-string keys, which a
+        // Value cannot hold; drop a partial line all the same.
+        match serde_json::to_writer(&mut self.buf, line) {
+            Ok(()) => self.buf.push(b'\n'),
+            Err(_) => self.buf.truncate(start),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.buf.is_empty()
+    }
+
+    /// Bytes waiting to be written.
+    pub fn len(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// Writes and flushes every pushed line, then empties the batch (also
+    /// on error).
+    pub fn write_to(&mut self, out: &mut impl Write) -> Result<(), WriteError> {
+        let mut done = 0;
+        let result = loop {
+            if done == self.buf.len() {
+                break out.flush();
+            }
+            match out.write(&self.buf[done..]) {
+                Ok(0) => break Err(std::io::ErrorKind::WriteZero.into()),
+                Ok(n) => done += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => break Err(e),
+            }
+        };
+        let outcome = result.map_err(|source| {
+            // Lines from the first one not wholly written.
+            let from = self.buf[..done].iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+            let unwritten = String::from_utf8_lossy(&self.buf[from..]).lines().map(str::to_owned).collect();
+            WriteError { source, unwritten }
+        });
+        self.buf.clear();
+        outcome
+    }
 }
 
 /// Parses one ring-buffer record; None if it is not a whole event.
@@ -236,7 +313,7 @@ mod tests {
 
     #[test]
     fn a_denial_renders_every_required_key() {
-        let v = render(&event(), &names());
+        let v = render(&event(), &names(), &Clock::now());
         assert_eq!(v["verdict"], "deny");
         assert_eq!(v["direction"], "egress");
         assert_eq!(v["proto"], "tcp");
@@ -258,9 +335,74 @@ mod tests {
     fn an_ingress_line_carries_the_folded_count_only_when_there_is_one() {
         let mut ev = event();
         ev.direction = DIRECTION_INGRESS;
-        assert!(render(&ev, &names()).get("folded").is_none());
+        assert!(render(&ev, &names(), &Clock::now()).get("folded").is_none());
         ev.folded = 5;
-        assert_eq!(render(&ev, &names())["folded"], 5);
+        assert_eq!(render(&ev, &names(), &Clock::now())["folded"], 5);
+    }
+
+    #[test]
+    fn a_stamp_converts_with_the_offset_read_once() {
+        let clock = Clock { realtime_minus_monotonic_ns: 1_700_000_000_000_000_000 };
+        assert_eq!(clock.wall_time_of(1_500), "2023-11-14T22:13:20.000001Z");
+        // Before the epoch still gives a time, not a panic.
+        let early = Clock { realtime_minus_monotonic_ns: -5_000_000_000 };
+        assert_eq!(early.wall_time_of(0), "1969-12-31T23:59:55.000000Z");
+    }
+
+    /// Accepts `chunk` bytes per write, and fails once `limit` bytes are in.
+    struct Stingy {
+        got: Vec<u8>,
+        chunk: usize,
+        limit: usize,
+        flushes: usize,
+    }
+
+    impl Write for Stingy {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            if self.got.len() >= self.limit {
+                return Err(std::io::ErrorKind::BrokenPipe.into());
+            }
+            let n = buf.len().min(self.chunk).min(self.limit - self.got.len());
+            self.got.extend_from_slice(&buf[..n]);
+            Ok(n)
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            self.flushes += 1;
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_batch_is_the_lines_one_by_one_would_have_been_and_is_flushed_once() {
+        let mut ingress = event();
+        ingress.direction = DIRECTION_INGRESS;
+        let clock = Clock::now();
+        let lines = [render(&event(), &names(), &clock), render(&ingress, &names(), &clock)];
+        let mut batch = LineBatch::default();
+        for l in &lines {
+            batch.push(l);
+        }
+        let mut out = Stingy { got: Vec::new(), chunk: 7, limit: usize::MAX, flushes: 0 };
+        batch.write_to(&mut out).unwrap();
+        let one_by_one: String = lines.iter().map(|l| format!("{l}\n")).collect();
+        assert_eq!(String::from_utf8(out.got).unwrap(), one_by_one);
+        assert_eq!(out.flushes, 1);
+        assert!(batch.is_empty());
+    }
+
+    #[test]
+    fn a_failed_write_returns_the_lines_not_wholly_written() {
+        let mut batch = LineBatch::default();
+        for port in [1, 2, 3] {
+            batch.push(&json!({ "port": port }));
+        }
+        // The first line and half the second get through.
+        let first = "{\"port\":1}\n".len();
+        let mut out = Stingy { got: Vec::new(), chunk: usize::MAX, limit: first + 4, flushes: 0 };
+        let err = batch.write_to(&mut out).unwrap_err();
+        assert_eq!(err.source.kind(), std::io::ErrorKind::BrokenPipe);
+        assert_eq!(err.unwritten, ["{\"port\":2}", "{\"port\":3}"]);
+        assert!(batch.is_empty());
     }
 
     #[test]
