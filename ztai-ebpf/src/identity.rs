@@ -178,20 +178,29 @@ fn owner_of_local_destination<C: EbpfContext>(
 #[inline(always)]
 fn owner_of_host_listener(generation: u8, host_netns: u64, proto: u8, daddr: &Addr, dport: u16) -> SegmentId {
     let v4 = is_v4_mapped(daddr);
-    let family = if v4 { AF_INET } else { AF_INET6 } as u8;
-    let key = |family: u16, addr: Addr| SocketKey { netns_cookie: host_netns, addr, port: dport, family: family as u8, proto, _pad: 0 };
-    let candidates = [
-        key(family as u16, *daddr),
-        key(family as u16, if v4 { v4_mapped(0) } else { [0; 4] }),
-        key(AF_INET6, [0; 4]),
-    ];
-    let tries = if v4 { 3 } else { 2 };
-    let mut i = 0;
-    while i < tries {
-        if let Some(owner) = unsafe { SOCKET_OWNERS.get(&candidates[i]) } {
+    // One key, rewritten between lookups: the stack is shared with the rest
+    // of connect/sendmsg, and 6.1's verifier caps the frames at 512 bytes.
+    let mut key = SocketKey {
+        netns_cookie: host_netns,
+        addr: *daddr,
+        port: dport,
+        family: if v4 { AF_INET } else { AF_INET6 } as u8,
+        proto,
+        _pad: 0,
+    };
+    if let Some(owner) = unsafe { SOCKET_OWNERS.get(&key) } {
+        return cgroup_segment(generation, owner.cgroup_id, owner.segment);
+    }
+    key.addr = if v4 { v4_mapped(0) } else { [0; 4] };
+    if let Some(owner) = unsafe { SOCKET_OWNERS.get(&key) } {
+        return cgroup_segment(generation, owner.cgroup_id, owner.segment);
+    }
+    if v4 {
+        key.family = AF_INET6 as u8;
+        key.addr = [0; 4];
+        if let Some(owner) = unsafe { SOCKET_OWNERS.get(&key) } {
             return cgroup_segment(generation, owner.cgroup_id, owner.segment);
         }
-        i += 1;
     }
     SEGMENT_HOST
 }
