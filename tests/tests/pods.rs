@@ -165,8 +165,20 @@ fn pods_are_segments_by_address_new_addresses_are_learned_and_an_exited_workload
     }
 
     // While C's workload runs, C's address is segment c: A may not reach it even on the port
-    // the podnet cidr allows. (The scan that made B known above also saw C: both were listening
-    // before the first attempt.)
+    // the podnet cidr allows. The scan that made B known may have run before C's workload
+    // joined its cgroup, so C is awaited like B: until A's connect is refused.
+    for ip in [pod_c.v4(), pod_c.v6()] {
+        let known = try_wait_until(RESCAN_DEADLINE, || {
+            ProbeCmd::tcp_connect(SocketAddr::new(ip, PODNET_PORT))
+                .in_netns(pod_a.netns())
+                .in_cgroup(&cg_a)
+                .timeout_ms(2000)
+                .run()
+                .is_eperm()
+                .then_some(())
+        });
+        assert!(known.is_some(), "C's address {ip} never became segment c\n{}", agent.diagnostics());
+    }
     for ip in [pod_c.v4(), pod_c.v6()] {
         let out = ProbeCmd::tcp_connect(SocketAddr::new(ip, PODNET_PORT))
             .in_netns(pod_a.netns())
